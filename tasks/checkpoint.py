@@ -1,0 +1,92 @@
+"""Training checkpoints (atomic, rotated, loaded safely) and the checkpoint stage that exports the model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.caching import StageOutput, stage_task
+from tasks.files import atomic_write, read_manifest, sha256_file, write_manifest
+from tasks.log import stage_logger
+
+# `epoch` is the epoch in progress and `batches_done` how many of its batches are done;
+# a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
+CHECKPOINT_KEYS = frozenset({
+    "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
+    "global_step", "order", "rng", "running_loss", "complete",
+})
+
+
+class CheckpointStore:
+    """Numbered checkpoints `step-NNNNNNNN.pt` in one folder: the last in sorted order is the newest."""
+
+    def __init__(self, folder: Path, keep: int = 3) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("step-*.pt"))
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """Write `state` atomically, then drop all but the newest `keep` checkpoints."""
+        path = atomic_write(self.folder / f"step-{state['global_step']:08d}.pt", lambda stream: torch.save(state, stream))
+        for old in self.paths()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads and has the expected keys; broken ones are passed over with a warning."""
+        for path in reversed(self.paths()):
+            try:
+                return path, load_checkpoint(path)
+            except Exception as error:  # a truncated zip, a pickle error, wrong keys: all mean "unusable"
+                stage_logger().warning("Skipping unusable checkpoint %s: %s", path, " ".join(str(error).split())[:200])
+        return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint as data only (`weights_only=True`: no code runs) and check its keys."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a training checkpoint: keys {found}")
+    return state
+
+
+def model_output(training: Path, **_: object) -> StageOutput:
+    """The exported model's manifest, beside the training it comes from, and that training's digest."""
+    return Path(training).parent / "model.json", {"training": sha256_file(Path(training))}
+
+
+def export_model(training: Path, refresh: bool = False) -> Path:
+    """Save the finished training's model and optimizer as `model.pt`, self-describing.
+
+    Args:
+        training: the training manifest, naming the final checkpoint.
+        refresh: export again even if a verified `model.pt` exists.
+
+    Returns:
+        The manifest of `model.pt`, which holds the model's state and arguments, the optimizer's
+        state, the hyperparameters, the epoch count and the final step; evaluation needs nothing else.
+    """
+    manifest_path, facts = model_output(training)
+    if not refresh and read_manifest(manifest_path, **facts):
+        return manifest_path
+    final_name = json.loads(Path(training).read_text())["checkpoint"]
+    final = load_checkpoint(Path(training).parent / final_name)
+    exported = {key: final[key] for key in ("model", "optimizer", "model_args", "hyperparameters", "epoch", "global_step")}
+    model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: torch.save(exported, stream))
+    return write_manifest(manifest_path, [model_path], model="model.pt", global_step=final["global_step"], **facts)
+
+
+def load_model_file(model_manifest: Path) -> dict[str, Any]:
+    """The exported model file named by `model_manifest`, loaded as data only."""
+    facts = json.loads(Path(model_manifest).read_text())
+    return torch.load(Path(model_manifest).parent / facts["model"], map_location="cpu", weights_only=True)
+
+
+checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=(sys.modules[__name__],))

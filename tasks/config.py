@@ -1,0 +1,150 @@
+"""The run's parameters: one validated set shared by the flow, the command line and the deployment."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("download", "inspect", "graph", "train", "checkpoint", "evaluate")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+# Each parameter's type, bounds and help text live here once; the flow's signature and
+# RunConfig both use these aliases, so the CLI, the flow and the deployment schema agree.
+Experiment = Annotated[str, Field(min_length=1, description="Name of the run directory under --runs-dir.")]
+RunsDir = Annotated[str, Field(min_length=1, description="Folder that holds one TensorBoard run per experiment.")]
+DataDir = Annotated[str, Field(min_length=1, description="Folder for the Fashion-MNIST files and their decoded cache.")]
+Epochs = Annotated[int, Field(ge=1, le=1000, description="Passes over the training set.")]
+BatchSize = Annotated[int, Field(ge=1, le=65536, description="Training images per optimizer step.")]
+LearningRate = Annotated[float, Field(gt=0, le=10, description="Learning rate (the one-cycle peak with --schedule onecycle).")]
+Momentum = Annotated[float, Field(ge=0, lt=1, description="SGD momentum, or Adam's beta1.")]
+Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the tutorial's SGD, or Adam.")]
+Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
+LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
+CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
+Seed = Annotated[int, Field(ge=0, lt=2**31, description="Seed for the model's initial weights, the data order and the samples shown.")]
+Device = Annotated[str, Field(description="Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+Mirror = Annotated[
+    str | None,
+    Field(description="An http(s) URL or a local folder holding the four official .gz files, used instead of the official mirrors "
+          "(default: env FASHION_MNIST_MIRROR)."),
+]
+Refresh = Annotated[
+    list[str],
+    Field(description=f"Stages to recompute even when cached: 'all' or any of {', '.join(STAGES)}."),
+]
+
+
+class ConfigError(ValueError):
+    """A parameter value that the run cannot use; its message is one line naming the value."""
+
+
+class RunConfig(BaseModel):
+    """Every parameter of one run of the Fashion-MNIST pipeline, checked together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: Experiment = "fashion_mnist_experiment_1"
+    runs_dir: RunsDir = "runs"
+    data_dir: DataDir = "data"
+    epochs: Epochs = 1
+    batch_size: BatchSize = 4
+    lr: LearningRate = 0.001
+    momentum: Momentum = 0.9
+    optimizer: Optimizer = "sgd"
+    schedule: Schedule = "constant"
+    log_every: LogEvery = 1000
+    checkpoint_every: CheckpointEvery = 2000
+    seed: Seed = 0
+    device: Device = "auto"
+    mirror: Mirror = None
+    refresh: Refresh = Field(default_factory=list)
+
+    @field_validator("experiment")
+    @classmethod
+    def _stays_inside_runs_dir(cls, name: str) -> str:
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts or name.startswith("~"):
+            raise ValueError(f"{name!r} must be a relative name inside the runs dir, without '..'")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE_PATTERN.match(device):
+            raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+        return device
+
+    @field_validator("mirror")
+    @classmethod
+    def _usable_mirror(cls, mirror: str | None) -> str | None:
+        if mirror is None or mirror == "":
+            return None
+        if mirror.startswith(("http://", "https://")) or Path(mirror).is_dir():
+            return mirror
+        raise ValueError(f"{mirror!r} is neither an http(s) URL nor an existing folder")
+
+    @field_validator("refresh")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        unknown = sorted(set(stages) - set(STAGES) - {"all"})
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose all or any of {', '.join(STAGES)}")
+        return list(STAGES) if "all" in stages else sorted(set(stages), key=STAGES.index)
+
+    @model_validator(mode="after")
+    def _folders_usable(self) -> RunConfig:
+        for flag, folder in (("--data-dir", self.data_dir), ("--runs-dir", self.runs_dir)):
+            if Path(folder).exists() and not Path(folder).is_dir():
+                raise ValueError(f"{flag} {folder!r} is a file, not a folder")
+        run = Path(self.experiment)
+        if any((Path(self.runs_dir) / run.parents[i]).is_file() for i in range(len(run.parents))):
+            raise ValueError(f"--experiment {self.experiment!r} would put the run directory below a file")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The experiment's run directory, `<runs-dir>/<experiment>`."""
+        return Path(self.runs_dir) / self.experiment
+
+    @property
+    def source(self) -> str | None:
+        """Where the dataset comes from: --mirror, else env FASHION_MNIST_MIRROR, else the official mirrors."""
+        return self.mirror or os.environ.get("FASHION_MNIST_MIRROR") or None
+
+
+def parse_config(values: dict) -> RunConfig:
+    """Validate `values` into a RunConfig, turning pydantic's report into one ConfigError line."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        flag = f"--{field.replace('_', '-')} " if field else ""
+        given = f" (got {first['input']!r})" if field and not isinstance(first["input"], dict) else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{flag}{message}{given}".strip()) from None
+
+
+def resolve_device(requested: str) -> str:
+    """Turn `auto` into the best device here, and refuse a device this machine lacks."""
+    import torch  # imported here so that validating parameters stays fast
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine")
+    return requested

@@ -1,0 +1,159 @@
+"""Download stage: Fashion-MNIST through torchvision, md5-verified, decoded once into a uint8 tensor cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from prefect.tasks import exponential_backoff
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.utils import calculate_md5
+
+from tasks.caching import StageOutput, stage_task
+from tasks.files import atomic_write, digest_json, read_manifest, write_manifest
+
+CLASSES: tuple[str, ...] = tuple(FashionMNIST.classes)
+CHECKSUMS_ENV = "FASHION_MNIST_CHECKSUMS"
+
+
+class DatasetChecksumError(RuntimeError):
+    """A dataset file whose md5 is wrong or that is missing from a local mirror: retrying cannot help."""
+
+
+class DatasetDownloadError(RuntimeError):
+    """A download that failed on the way (network, HTTP): worth retrying."""
+
+
+def expected_files() -> dict[str, str]:
+    """The four `.gz` files and their md5: torchvision's official list, or the JSON file named by
+    env FASHION_MNIST_CHECKSUMS (for Fashion-MNIST-format data other than the official files)."""
+    override = os.environ.get(CHECKSUMS_ENV)
+    if override:
+        return json.loads(Path(override).read_text())
+    return dict(FashionMNIST.resources)
+
+
+def dataset_output(data_dir: str, **_: object) -> StageOutput:
+    """Where the download stage records the verified dataset, and the md5 list it must match."""
+    return Path(data_dir) / "FashionMNIST" / "dataset.json", {"md5": expected_files()}
+
+
+def fingerprint(dataset: Path) -> str:
+    """The dataset's fingerprint: a digest of its source files' md5."""
+    return json.loads(Path(dataset).read_text())["fingerprint"]
+
+
+def download(data_dir: str, mirror: str | None = None, refresh: bool = False) -> Path:
+    """Fetch, verify and decode Fashion-MNIST into `data_dir`, unless a verified copy is already there.
+
+    Args:
+        data_dir: root folder; torchvision's layout `FashionMNIST/raw/` is kept, so torchvision reads it too.
+        mirror: an http(s) URL or a local folder with the four `.gz` files; None for the official mirrors.
+        refresh: fetch and decode again even when a verified copy exists.
+
+    Returns:
+        The dataset manifest: the decoded cache's file and checksum, the source files' md5 and fingerprint.
+    """
+    manifest_path, facts = dataset_output(data_dir)
+    if not refresh and read_manifest(manifest_path, **facts):
+        return manifest_path
+    files = facts["md5"]
+
+    final_raw = manifest_path.parent / "raw"
+    final_raw.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=manifest_path.parent, prefix=".staging-") as staging:
+        staged_raw = Path(staging) / "FashionMNIST" / "raw"
+        staged_raw.mkdir(parents=True)
+        _stage_verified_copies(final_raw, staged_raw, files, strict=False)
+        if mirror and not mirror.startswith(("http://", "https://")):
+            _stage_verified_copies(Path(mirror), staged_raw, files, strict=True)
+        _fetch_with_torchvision(Path(staging), files, mirror)
+        cache_path = manifest_path.parent / f"fashion-mnist-{digest_json(files)[:12]}.pt"
+        atomic_write(cache_path, lambda stream: torch.save(_decode(Path(staging)), stream))
+        for name in files:  # publish the verified .gz files and their decoded IDX twins
+            for published in (name, name.removesuffix(".gz")):
+                os.replace(staged_raw / published, final_raw / published)
+    return write_manifest(manifest_path, [cache_path], cache=cache_path.name, md5=files, fingerprint=digest_json(files))
+
+
+def _stage_verified_copies(source: Path, staged_raw: Path, files: dict[str, str], strict: bool) -> None:
+    """Copy the files of `source` whose md5 is right into the staging folder.
+
+    With `strict` (a local mirror), a missing or wrong file is an error naming it; otherwise
+    (earlier downloads) it is skipped and fetched again.
+    """
+    for name, md5 in files.items():
+        candidate = source / name
+        if not candidate.is_file():
+            if strict:
+                raise DatasetChecksumError(f"mirror folder {source} has no {name}")
+            continue
+        actual = calculate_md5(str(candidate))
+        if actual == md5:
+            shutil.copyfile(candidate, staged_raw / name)
+        elif strict:
+            raise DatasetChecksumError(f"{candidate}: md5 {actual} does not match the expected {md5}")
+
+
+def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | None) -> None:
+    """Run torchvision's own download (md5-checked) and extraction into `root`."""
+    mirrors = [mirror.rstrip("/") + "/"] if mirror and mirror.startswith(("http://", "https://")) else FashionMNIST.mirrors
+    # Same class name as torchvision's, so the files land in its `FashionMNIST/raw` layout.
+    dataset_class = type("FashionMNIST", (FashionMNIST,), {"mirrors": mirrors, "resources": list(files.items())})
+    try:
+        dataset_class(str(root), train=True, download=True)
+    except RuntimeError as error:
+        raw = root / "FashionMNIST" / "raw"
+        for name, md5 in files.items():
+            if (raw / name).is_file() and (actual := calculate_md5(str(raw / name))) != md5:
+                raise DatasetChecksumError(f"{mirrors[0]}{name}: md5 {actual} does not match the expected {md5}") from None
+        reason = " ".join(str(error).split())
+        raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {reason}") from error
+
+
+def _decode(root: Path) -> dict[str, torch.Tensor]:
+    """Decode the IDX files with torchvision's reader into uint8 images (N, 28, 28) and int64 labels."""
+    train = FashionMNIST(str(root), train=True)
+    test = FashionMNIST(str(root), train=False)
+    return {
+        "train_images": train.data.contiguous(),
+        "train_labels": train.targets.contiguous(),
+        "test_images": test.data.contiguous(),
+        "test_labels": test.targets.contiguous(),
+    }
+
+
+def load_split(dataset_manifest: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images (N, 28, 28) and int64 labels of `split` ('train' or 'test') from the decoded cache."""
+    manifest = json.loads(Path(dataset_manifest).read_text())
+    # weights_only: the cache is data, never code; mmap: pages are read only when used.
+    tensors = torch.load(Path(dataset_manifest).parent / manifest["cache"], weights_only=True, mmap=True)
+    return tensors[f"{split}_images"], tensors[f"{split}_labels"]
+
+
+def _retry_unless_checksum(task: object, task_run: object, state: object) -> bool:
+    """Retry network failures; an md5 mismatch fails at once."""
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except DatasetChecksumError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+download_task = stage_task(
+    download,
+    name="download",
+    output=dataset_output,
+    code=(sys.modules[__name__],),
+    ignore=("mirror",),  # every source is md5-checked against the same list
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=_retry_unless_checksum,
+)

@@ -1,0 +1,126 @@
+"""Evaluation stage: class probabilities on the whole test set, PR curves, and metrics.json."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from tasks import batches, model
+from tasks.caching import StageOutput, source_digest, stage_task
+from tasks.checkpoint import load_model_file
+from tasks.data import CLASSES, fingerprint, load_split
+from tasks.events import event_files, replacing_writer
+from tasks.faults import fault_point
+from tasks.events import read_scalars
+from tasks.figures import confusion_figure, per_class_accuracy_figure, summary_figure
+from tasks.train import LOSS_TAG
+from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, sha256_file, write_manifest
+
+EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
+CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
+
+
+def evaluation_output(model_file: Path, dataset: Path, **_: object) -> StageOutput:
+    inputs = digest_json([sha256_file(Path(model_file)), fingerprint(dataset), EVALUATION_CODE])
+    return Path(model_file).parent / "evaluation.json", {"inputs": inputs}
+
+
+def evaluate(model_file: Path, dataset: Path, refresh: bool = False) -> Path:
+    """Score the exported model on the test set and log one PR curve per class.
+
+    Args:
+        model_file: the manifest of the exported `model.pt`; the model is rebuilt from that file alone.
+        dataset: the dataset manifest.
+        refresh: evaluate again even if this model was already evaluated.
+
+    Returns:
+        The evaluation manifest; its folder holds `metrics.json`:
+        `{"test_accuracy", "per_class_ap", "per_class_accuracy", "per_class_precision",
+        "per_class_recall", "mean_ap", "confusion_matrix", "global_step"}`.
+    """
+    manifest_path, facts = evaluation_output(model_file, dataset)
+    if not refresh and read_manifest(manifest_path, **facts):
+        return manifest_path
+    fault_point("evaluate")
+    exported = load_model_file(model_file)
+    images, labels = load_split(dataset, "test")
+    probabilities = predict(exported, images)  # (N, C)
+    metrics = score(probabilities, labels)
+    metrics["global_step"] = exported["global_step"]
+
+    out = manifest_path.parent
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    figures = {CONFUSION_TAG: confusion_figure(confusion, CLASSES),
+               CLASS_ACCURACY_TAG: per_class_accuracy_figure(metrics["per_class_accuracy"])}
+    curves = {name: precision_recall(probabilities[:, index], labels == index) for index, name in enumerate(CLASSES)}
+    summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
+                             f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
+    pictures = [save_png(figure, out / f"{tag.replace(' ', '_')}.png") for tag, figure in figures.items()]
+    pictures.append(save_png(summary, out / "summary.png"))
+    with replacing_writer(out, "evaluate") as writer:
+        for index, name in enumerate(CLASSES):
+            writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=exported["global_step"])
+        for tag, figure in figures.items():
+            writer.add_figure(tag, figure, global_step=exported["global_step"])
+    metrics_path = atomic_write_json(out / "metrics.json", metrics)
+    return write_manifest(manifest_path, [metrics_path, *pictures, *event_files(out, "evaluate")], **facts)
+
+
+def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (N, C) of the exported model on uint8 images (N, 28, 28), on the CPU."""
+    net = model.build_model(exported["model_args"])
+    net.load_state_dict(exported["model"])
+    net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
+    torch.set_num_threads(os.cpu_count() or 1)
+    with torch.no_grad():
+        chunks = [torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1) for chunk in images.split(EVAL_BATCH)]
+    return torch.cat(chunks)
+
+
+def score(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, per-class AP, accuracy, precision and recall, and the confusion matrix."""
+    predicted = probabilities.argmax(dim=1)
+    classes = probabilities.shape[1]
+    confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    true_positives = confusion.diag().float()
+    recall = true_positives / confusion.sum(dim=1).clamp(min=1)
+    precision = true_positives / confusion.sum(dim=0).clamp(min=1)
+    ap = {name: average_precision(probabilities[:, index], labels == index) for index, name in enumerate(CLASSES)}
+    return {
+        "test_accuracy": (predicted == labels).float().mean().item(),
+        "per_class_ap": ap,
+        "mean_ap": sum(ap.values()) / len(ap),
+        "per_class_accuracy": dict(zip(CLASSES, recall.tolist())),  # of a class's images, the share predicted right
+        "per_class_precision": dict(zip(CLASSES, precision.tolist())),
+        "per_class_recall": dict(zip(CLASSES, recall.tolist())),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def precision_recall(scores: torch.Tensor, positives: torch.Tensor, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precision and recall at `points` thresholds along the ranking by score (for plotting)."""
+    hits = positives[scores.argsort(descending=True)].float()  # (N,)
+    ranks = torch.linspace(1, len(hits), points).long()  # (points,) cut-offs: the top-k predictions
+    found = hits.cumsum(0)[ranks - 1]
+    return found / ranks, found / hits.sum().clamp(min=1)
+
+
+def save_png(figure: Figure, path: Path) -> Path:
+    """Render a figure to a PNG file, atomically."""
+    return atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the precision-recall curve as a step function: mean precision at each positive's rank."""
+    hits = positives[scores.argsort(descending=True)].float()  # (N,) 1 where the k-th highest score is a positive
+    precision_at_rank = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision_at_rank * hits).sum() / hits.sum().clamp(min=1))
+
+
+EVALUATION_CODE = source_digest(model, batches, sys.modules[__name__])
+evaluate_task = stage_task(evaluate, name="evaluate", output=evaluation_output, code=(model, batches, sys.modules[__name__]))

@@ -1,0 +1,25 @@
+"""Test-only fault injection: make a stage raise once, to exercise retries and resume.
+
+Set env FASHION_FAULT to `stage` (raise when the stage starts) or `train:K` (raise before
+training step K). Each fault fires once per process, so the retry that follows succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT_ENV = "FASHION_FAULT"
+_fired: set[str] = set()
+
+
+class InjectedFault(RuntimeError):
+    """The failure asked for by FASHION_FAULT."""
+
+
+def fault_point(stage: str, step: int | None = None) -> None:
+    """Raise InjectedFault if FASHION_FAULT names this point and it has not fired in this process yet."""
+    point = stage if step is None else f"{stage}:{step}"
+    wanted = {name.strip() for name in os.environ.get(FAULT_ENV, "").split(",")}
+    if point in wanted and point not in _fired:
+        _fired.add(point)
+        raise InjectedFault(f"injected fault at {point} (env {FAULT_ENV})")

@@ -1,0 +1,105 @@
+"""Matplotlib figures logged to TensorBoard, built without pyplot so that they are safe off the main thread."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed, on servers and workers alike
+
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def predictions_figure(
+    images: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
+) -> Figure:
+    """The tutorial's "predictions vs. actuals": one subplot per image, titled with the predicted class,
+    its probability and the true class, green when right and red when wrong.
+
+    Args:
+        images: uint8 (N, 28, 28).
+        probabilities: (N, C) softmax outputs.
+        labels: (N,) true classes.
+        classes: class names.
+    """
+    confidence, predicted = probabilities.max(dim=1)  # (N,), (N,)
+    figure = Figure(figsize=(3 * len(images), 3.6))
+    for index, image in enumerate(images):
+        axes = figure.add_subplot(1, len(images), index + 1, xticks=[], yticks=[])
+        axes.imshow(image.numpy(), cmap="Greys")
+        right = bool(predicted[index] == labels[index])
+        axes.set_title(
+            f"{classes[predicted[index]]}, {100 * confidence[index]:.1f}%\n(label: {classes[labels[index]]})",
+            color="green" if right else "red",
+        )
+    return figure
+
+
+def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]) -> Figure:
+    """Counts of true class (rows) against predicted class (columns), each cell annotated."""
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+             title="Confusion matrix (test set)")
+    axes.set_xticklabels(classes, rotation=45, ha="right")
+    axes.set_yticklabels(classes)
+    threshold = matrix.max().item() / 2
+    for row in range(len(classes)):
+        for column in range(len(classes)):
+            count = int(matrix[row, column])
+            axes.text(column, row, count, ha="center", va="center", fontsize=7,
+                      color="white" if count > threshold else "black")
+    return figure
+
+
+def per_class_accuracy_figure(accuracy: dict[str, float]) -> Figure:
+    """A horizontal bar per class: the share of its test images classified correctly."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    names = list(accuracy)
+    axes.barh(names, [accuracy[name] for name in names], color="tab:blue")
+    axes.invert_yaxis()
+    axes.set(xlim=(0, 1), xlabel="accuracy", title="Per-class accuracy (test set)")
+    for row, name in enumerate(names):
+        axes.text(min(accuracy[name] + 0.01, 0.9), row, f"{accuracy[name]:.3f}", va="center", fontsize=8)
+    return figure
+
+
+def summary_figure(
+    loss: list[tuple[int, float]],
+    pr_curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    confusion: torch.Tensor,
+    title: str,
+) -> Figure:
+    """One page for someone who opens no TensorBoard: loss curve, PR curves and confusion matrix.
+
+    Args:
+        loss: (step, training loss) points.
+        pr_curves: class name -> (precision, recall) arrays.
+        confusion: (C, C) counts, true class by row.
+        title: the page's title (experiment and accuracy).
+    """
+    figure = Figure(figsize=(18, 5.5), layout="constrained")
+    figure.suptitle(title)
+    loss_axes, pr_axes, confusion_axes = figure.subplots(1, 3)
+    if loss:
+        steps, values = zip(*loss)
+        loss_axes.plot(steps, values, marker="o", markersize=3)
+    loss_axes.set(title="training loss", xlabel="step", ylabel="mean cross-entropy")
+    loss_axes.grid(alpha=0.3)
+    for name, (precision, recall) in pr_curves.items():
+        pr_axes.plot(recall.numpy(), precision.numpy(), label=name, linewidth=1.2)
+    pr_axes.set(title="precision-recall (test set)", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    pr_axes.legend(fontsize=7, loc="lower left")
+    pr_axes.grid(alpha=0.3)
+    confusion_axes.imshow(confusion.numpy(), cmap="Blues")
+    names = list(pr_curves)
+    confusion_axes.set(title="confusion matrix", xlabel="predicted", ylabel="true",
+                       xticks=range(len(names)), yticks=range(len(names)))
+    confusion_axes.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    confusion_axes.set_yticklabels(names, fontsize=7)
+    return figure

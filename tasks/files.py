@@ -1,0 +1,73 @@
+"""Atomic file writes and the manifests that tell a finished stage output from a partial one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_json(value: Any) -> str:
+    """Hex sha256 of a value's canonical JSON (sorted keys; paths and other objects as strings)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(stream)` into a temporary sibling, fsync it, then rename it over `path`.
+
+    A reader, or a run killed half-way, sees either the old file or the whole new one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, value: Any) -> Path:
+    """Write `value` as indented JSON, atomically."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+    return atomic_write(path, lambda stream: stream.write(text.encode()))
+
+
+def write_manifest(path: Path, files: Iterable[Path], **facts: Any) -> Path:
+    """Record a finished output: the sha256 of each file (relative to the manifest's folder) and some facts.
+
+    The manifest is written last, so its presence means every file it names was complete.
+    """
+    root = path.parent
+    checksums = {str(Path(file).resolve().relative_to(root.resolve())): sha256_file(Path(file)) for file in files}
+    return atomic_write_json(path, {"files": checksums, **facts})
+
+
+def read_manifest(path: Path, **expected: Any) -> dict[str, Any] | None:
+    """The manifest at `path` if it records the `expected` facts and every file it names is intact, else None."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        if any(manifest.get(name) != value for name, value in expected.items()):
+            return None
+        root = Path(path).parent
+        intact = all(sha256_file(root / name) == checksum for name, checksum in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest if intact else None

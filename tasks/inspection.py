@@ -1,0 +1,58 @@
+"""Inspection stage: what the data looks like, in TensorBoard's IMAGES and PROJECTOR tabs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from tasks.caching import StageOutput, source_digest, stage_task
+from tasks.data import CLASSES, fingerprint, load_split
+from tasks.events import event_files, replacing_writer
+from tasks.files import digest_json, read_manifest, write_manifest
+
+GRID_TAG = "four_fashion_mnist_images"
+EMBEDDING_SIZE = 100
+
+
+def inspection_output(dataset: Path, run_dir: str, seed: int, **_: object) -> StageOutput:
+    return Path(run_dir) / "inspect.json", {"inputs": digest_json([fingerprint(dataset), seed, INSPECTION_CODE])}
+
+
+def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = False) -> Path:
+    """Log a grid of 4 training images and a projector embedding of 100 random ones with their class names.
+
+    Args:
+        dataset: the dataset manifest.
+        run_dir: the experiment's run directory (its TensorBoard run).
+        seed: picks which images are shown.
+        refresh: log again even if this was already logged.
+
+    Returns:
+        The inspection manifest, listing the event and projector files.
+    """
+    manifest_path, facts = inspection_output(dataset, run_dir, seed)
+    if not refresh and read_manifest(manifest_path, **facts):
+        return manifest_path
+    images, labels = load_split(dataset, "train")  # uint8 (N, 28, 28), (N,)
+    generator = torch.Generator().manual_seed(seed)
+    four = torch.randperm(len(images), generator=generator)[:4]
+    sample = torch.randperm(len(images), generator=generator)[:EMBEDDING_SIZE]
+    # Scaled to [0, 1]: the tutorial logged normalised [-1, 1] images, which show up black or not at all.
+    as_float = lambda index: images[index].unsqueeze(1).float() / 255  # noqa: E731  (K, 1, 28, 28)
+    with replacing_writer(Path(run_dir), "inspect") as writer:
+        writer.add_image(GRID_TAG, make_grid(as_float(four)))  # (3, 32, 122)
+        writer.add_embedding(
+            images[sample].reshape(len(sample), -1).float(),  # (100, 784) raw pixels as features
+            metadata=[CLASSES[label] for label in labels[sample]],
+            label_img=as_float(sample),
+        )
+    projector = [path for path in Path(run_dir).glob("00000/default/*") if path.is_file()]
+    files = event_files(Path(run_dir), "inspect") + projector + [Path(run_dir) / "projector_config.pbtxt"]
+    return write_manifest(manifest_path, files, grid_indices=four.tolist(), embedding_size=len(sample), **facts)
+
+
+INSPECTION_CODE = source_digest(sys.modules[__name__])
+inspect_task = stage_task(inspect_dataset, name="inspect", output=inspection_output, code=(sys.modules[__name__],))

@@ -1,0 +1,39 @@
+"""One run at a time per experiment: an exclusive lock on the run directory."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class ExperimentBusyError(RuntimeError):
+    """Another run holds the experiment's lock."""
+
+
+@contextmanager
+def experiment_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `<run_dir>/.lock` for the duration; refuse at once if another process holds it.
+
+    The operating system drops the lock when its holder exits, even on SIGKILL, so no stale lock survives.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ExperimentBusyError(
+                f"experiment {run_dir} is in use by another run (pid {holder}); wait for it or choose another --experiment"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,40 @@
+"""The tutorial's LeNet-style network for 28x28 grey images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The arguments of the Fashion-MNIST model: grey images, ten classes.
+MODEL_ARGS: dict[str, int] = {"in_channels": 1, "num_classes": 10}
+
+
+class Net(nn.Module):
+    """Two conv+pool blocks and three linear layers, as in the TensorBoard tutorial."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 4 * 4, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))  # (B, 6, 12, 12)
+        x = self.pool(F.relu(self.conv2(x)))  # (B, 16, 4, 4)
+        x = torch.flatten(x, 1)  # (B, 256)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)  # (B, num_classes) logits
+
+
+def build_model(model_args: dict[str, Any], seed: int | None = None) -> Net:
+    """A Net from its recorded arguments; `seed` fixes the initial weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Net(**model_args)

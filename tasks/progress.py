@@ -1,0 +1,56 @@
+"""Progress of a long stage: a bar on a terminal, log lines elsewhere, and a Prefect progress artifact."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from tqdm import tqdm
+
+from tasks.log import stage_logger
+
+
+class StepProgress:
+    """Counts steps from `done` to `total`; reports at most every `every_seconds`, never per step."""
+
+    def __init__(self, description: str, total: int, done: int = 0, every_seconds: float = 2.0) -> None:
+        self.description, self.total, self.done = description, total, done
+        self.every_seconds = every_seconds
+        self.last_report = time.monotonic()
+        self.bar = tqdm(total=total, initial=done, desc=description, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.facts: dict[str, float] = {}
+        self.artifact_id = None
+        if TaskRunContext.get() is not None:
+            self.artifact_id = create_progress_artifact(progress=self.percent(), description=description)
+
+    def percent(self) -> float:
+        return 100.0 * self.done / max(self.total, 1)
+
+    def note(self, **facts: float) -> None:
+        """Facts (such as the latest loss) shown beside the count from now on."""
+        self.facts.update(facts)
+
+    def advance(self, steps: int = 1) -> None:
+        """Add `steps`; cheap enough to call on every step."""
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+        now = time.monotonic()
+        if now - self.last_report >= self.every_seconds or self.done >= self.total:
+            self.last_report = now
+            self.report()
+
+    def report(self) -> None:
+        shown = " ".join(f"{name} {value:.4f}" for name, value in self.facts.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(shown, refresh=False)
+        else:
+            stage_logger().info("%s: %d/%d steps (%.0f%%) %s", self.description, self.done, self.total, self.percent(), shown)
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, progress=self.percent())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

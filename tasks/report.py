@@ -1,0 +1,93 @@
+"""Report stage: the run's result where people look: metrics.json, TensorBoard HPARAMS and TEXT, Prefect artifacts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from torch.utils.tensorboard.summary import hparams
+
+from tasks.config import RunConfig
+from tasks.events import replacing_writer
+from tasks.files import atomic_write, atomic_write_json
+
+HPARAM_FIELDS = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "seed")
+HPARAM_METRICS = ("test_accuracy", "mean_ap")
+
+
+def report(config: RunConfig, device: str, evaluation: Path, stages: dict[str, str]) -> dict[str, Any]:
+    """Publish the run's result and return it.
+
+    Args:
+        config: the run's parameters.
+        device: the device that trained.
+        evaluation: the evaluation manifest; its folder is the training's folder.
+        stages: each stage's final Prefect state name ("Completed", "Cached").
+
+    Returns:
+        `<run>/metrics.json`'s content: the evaluation's metrics plus where the outputs are.
+    """
+    train_dir = Path(evaluation).parent
+    metrics = json.loads((train_dir / "metrics.json").read_text())
+    result = {**metrics, "run_dir": str(config.run_dir), "train_dir": str(train_dir), "device": device,
+              "parameters": config.model_dump(), "stages": stages}
+    atomic_write_json(config.run_dir / "metrics.json", result)
+    summary = (train_dir / "summary.png").read_bytes()
+    atomic_write(config.run_dir / "summary.png", lambda stream: stream.write(summary))
+    log_to_tensorboard(train_dir, config, device, metrics)
+    if TaskRunContext.get() is not None:
+        publish_artifacts(config, result)
+    return result
+
+
+def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics: dict[str, Any]) -> None:
+    """HPARAMS in the training's own run (not add_hparams' timestamped subfolder) and the whole config as TEXT."""
+    values = {name: getattr(config, name) for name in HPARAM_FIELDS} | {"device": device}
+    results = {f"hparam/{name}": metrics[name] for name in HPARAM_METRICS}
+    with replacing_writer(train_dir, "report") as writer:
+        for summary in hparams(values, results):  # experiment, session start, session end
+            writer.file_writer.add_summary(summary)
+        for tag, value in results.items():
+            writer.add_scalar(tag, value, metrics["global_step"])
+        writer.add_text("config", "```json\n" + json.dumps(config.model_dump(), indent=2) + "\n```", metrics["global_step"])
+
+
+def publish_artifacts(config: RunConfig, result: dict[str, Any]) -> None:
+    """A markdown summary and a per-class table, keyed by experiment so the UI keeps their history."""
+    key = re.sub(r"[^a-z0-9-]+", "-", config.experiment.lower()).strip("-")
+    classes = result["per_class_ap"]
+    rows = [{"class": name, "precision": round(result["per_class_precision"][name], 4),
+             "recall": round(result["per_class_recall"][name], 4), "ap": round(classes[name], 4)} for name in classes]
+    create_table_artifact(rows, key=f"{key}-per-class", description="Per-class precision, recall and AP on the test set")
+    create_markdown_artifact(summary_markdown(result), key=f"{key}-summary", description="Fashion-MNIST run summary")
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The run's summary as markdown: metrics, parameters, where the outputs are, what came from cache."""
+    lines = [
+        f"# {result['parameters']['experiment']}",
+        f"**Test accuracy: {result['test_accuracy']:.4f}**, mean AP {result['mean_ap']:.4f}, on {result['device']}",
+        "",
+        "| class | AP |", "|---|---|",
+        *(f"| {name} | {ap:.4f} |" for name, ap in result["per_class_ap"].items()),
+        "",
+        "| parameter | value |", "|---|---|",
+        *(f"| {name} | {value} |" for name, value in result["parameters"].items()),
+        "",
+        "| stage | state |", "|---|---|",
+        *(f"| {stage} | {state} |" for stage, state in result["stages"].items()),
+        "",
+        f"Run directory: `{result['run_dir']}`; this training: `{result['train_dir']}`",
+        "",
+        f"Open it: `tensorboard --logdir {result['run_dir']}`",
+    ]
+    return "\n".join(lines)
+
+
+report_task = task(report, name="report", cache_policy=NO_CACHE)
