@@ -48,7 +48,7 @@ class Stages:
         return state.result()  # raises the stage's error, failing the flow run
 
 
-@flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=10, persist_result=True)
+@flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=5, persist_result=True)
 def fashion(
     experiment: Experiment = DEFAULTS.experiment,
     runs_dir: RunsDir = DEFAULTS.runs_dir,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     images, labels = load_split(dataset, "train")
+    started = time.perf_counter()
     loop = TrainingLoop(hyperparameters, device, len(images))
     if found is not None:
         stage_logger().info("Resuming from %s (step %d)", found[0], found[1]["global_step"])
@@ -103,7 +105,7 @@ def train(
     final = store.save(loop.state_dict(complete=True))
     return write_manifest(
         manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,
-        hyperparameters=asdict(hyperparameters), device=device,
+        hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
     )
 
 

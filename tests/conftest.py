@@ -1,0 +1,76 @@
+"""Shared fixtures: an isolated Prefect home and one Prefect server per session, synthetic and real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported: no telemetry, and a Prefect home (database, result cache) of our own.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fashion-tests-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("FASHION_MNIST_MIRROR", None)
+
+from tests.synthetic import write_synthetic_fashion_mnist  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
+FLOW_SCRIPT = REPO / "flows" / "fashion.py"
+# Small settings that still exercise every stage: 160 training images in batches of 4 = 40 steps an epoch.
+TINY = {"epochs": 2, "batch_size": 4, "lr": 0.05, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """One temporary Prefect server (SQLite in the test Prefect home) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url  # subprocesses started by tests use the same server
+        yield url
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the four synthetic `.gz` files and their `checksums.json`."""
+    folder = tmp_path_factory.mktemp("synthetic-mirror")
+    write_synthetic_fashion_mnist(folder)
+    return folder
+
+
+@pytest.fixture
+def synthetic_mirror(synthetic_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The synthetic folder, with the download stage told to expect its md5s."""
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(synthetic_folder / "checksums.json"))
+    return synthetic_folder
+
+
+@pytest.fixture
+def real_data(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The official Fashion-MNIST files beside the repository; skips when they are not there."""
+    if not all((SHARED_DATA / name).is_file() for name in ("train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip(f"real Fashion-MNIST files not found in {SHARED_DATA}")
+    monkeypatch.delenv("FASHION_MNIST_CHECKSUMS", raising=False)
+    return SHARED_DATA
+
+
+def run_flow_script(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python flows/fashion.py ARGS` in `cwd`, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(FLOW_SCRIPT), *args], cwd=cwd, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def tiny_args(**overrides: object) -> list[str]:
+    """TINY (with overrides) as command-line options."""
+    return [text for name, value in (TINY | overrides).items() for text in (f"--{name.replace('_', '-')}", str(value))]

@@ -1,0 +1,66 @@
+"""The whole flow on tiny synthetic data: every TensorBoard tab the tutorial shows, and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.fashion import fashion
+from tasks.data import CLASSES
+from tests.conftest import TINY
+from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
+
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_api_url: str, synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One flow run on the synthetic data, shared by the checks below."""
+    root = tmp_path_factory.mktemp("flow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASHION_MNIST_CHECKSUMS", str(synthetic_folder / "checksums.json"))
+        result = fashion(experiment="tiny", runs_dir=str(root / "runs"), data_dir=str(root / "data"),
+                         mirror=str(synthetic_folder), **TINY)
+    return root / "runs" / "tiny", result
+
+
+def test_flow_returns_and_writes_metrics(finished_run: tuple[Path, dict]) -> None:
+    run_dir, result = finished_run
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written["test_accuracy"] == result["test_accuracy"]
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert set(written["per_class_ap"]) == set(CLASSES)
+    assert all(0.0 <= ap <= 1.0 for ap in written["per_class_ap"].values())
+    # The synthetic classes are easy: a working pipeline learns them well past chance (0.1).
+    assert result["test_accuracy"] > 0.3
+
+
+def test_images_graph_and_projector_in_run(finished_run: tuple[Path, dict]) -> None:
+    run_dir, _ = finished_run
+    runs = load_runs(run_dir)
+    assert image_steps(runs, ".", "four_fashion_mnist_images") == [0]
+    assert runs.Runs()["."]["graph"] is True
+    config = (run_dir / "projector_config.pbtxt").read_text()
+    assert 'metadata_path: "00000/default/metadata.tsv"' in config and "sprite" in config
+    labels = (run_dir / "00000" / "default" / "metadata.tsv").read_text().split("\n")
+    assert len([label for label in labels if label]) == 100 and set(labels) - {""} <= set(CLASSES)
+    assert (run_dir / "00000" / "default" / "sprite.png").stat().st_size > 1000
+
+
+def test_training_curves_figures_and_pr_curves(finished_run: tuple[Path, dict]) -> None:
+    run_dir, _ = finished_run
+    runs = load_runs(run_dir)
+    train = training_run(runs)
+    total_steps = TINY["epochs"] * 160 // TINY["batch_size"]
+    expected = list(range(TINY["log_every"], total_steps + 1, TINY["log_every"]))
+    assert scalar_steps(runs, train, "training loss") == expected
+    assert image_steps(runs, train, "predictions vs. actuals") == expected
+    pr_curves = runs.PluginRunToTagToContent("pr_curves")[train]
+    assert sorted(pr_curves) == sorted(CLASSES)
+    assert image_steps(runs, train, "confusion matrix") == [total_steps]
+
+
+def test_outputs_are_pictures_people_can_open(finished_run: tuple[Path, dict]) -> None:
+    run_dir, result = finished_run
+    for picture in (run_dir / "summary.png", Path(result["train_dir"]) / "confusion_matrix.png"):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
