@@ -74,3 +74,25 @@ def run_flow_script(*args: str, cwd: Path, env: dict[str, str] | None = None, ti
 def tiny_args(**overrides: object) -> list[str]:
     """TINY (with overrides) as command-line options."""
     return [text for name, value in (TINY | overrides).items() for text in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def run_tiny_flow(root: Path, mirror: Path, experiment: str = "tiny", **overrides: object) -> dict:
+    """Run the flow in-process on the synthetic data under `root` (runs/ and data/), TINY settings with overrides."""
+    from flows.fashion import fashion
+
+    return fashion(experiment=experiment, runs_dir=str(root / "runs"), data_dir=str(root / "data"),
+                   mirror=str(mirror), **(TINY | overrides))
+
+
+def final_weights(result: dict) -> dict:
+    """The exported model's state dict of a finished run."""
+    import torch
+
+    return torch.load(Path(result["train_dir"]) / "model.pt", weights_only=True)["model"]
+
+
+def same_weights(first: dict, second: dict) -> bool:
+    """Bitwise equality of two state dicts."""
+    import torch
+
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
