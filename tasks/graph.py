@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ def log_graph(run_dir: str, refresh: bool = False) -> Path:
         return manifest_path
     net = model.build_model(model.MODEL_ARGS).eval()
     example = torch.zeros(4, 1, 28, 28)  # (B, 1, 28, 28): the trace needs shapes, not data
-    with replacing_writer(Path(run_dir), "graph") as writer:
+    with replacing_writer(Path(run_dir), "graph") as writer, warnings.catch_warnings():
+        # add_graph traces with torch.jit, which warns that it is deprecated; the trace itself is what TensorBoard reads.
+        warnings.simplefilter("ignore", FutureWarning)
         writer.add_graph(net, example)
     return write_manifest(manifest_path, event_files(Path(run_dir), "graph"), **facts)
 

@@ -1,0 +1,106 @@
+"""Interrupted training resumes exactly: a retried fault, a SIGKILL, a truncated checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.checkpoint import CheckpointStore
+from tests.conftest import FLOW_SCRIPT, TINY, final_weights, run_tiny_flow, same_weights, tiny_args
+from tests.synthetic import write_synthetic_fashion_mnist
+from tests.tensorboard_reader import load_runs, scalar_steps, training_run
+
+
+def loss_steps(train_dir: Path) -> list[int]:
+    runs = load_runs(Path(train_dir).parent)
+    return scalar_steps(runs, training_run(runs), "training loss")
+
+
+def expected_loss_steps(train_size: int, settings: dict) -> list[int]:
+    total = settings["epochs"] * train_size // settings["batch_size"]
+    return list(range(settings["log_every"], total + 1, settings["log_every"]))
+
+
+@pytest.fixture
+def uninterrupted(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) -> dict:
+    return run_tiny_flow(tmp_path / "reference", synthetic_mirror)
+
+
+def test_fault_in_training_is_retried_from_checkpoint(
+    uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FASHION_FAULT", "train:25")  # between the checkpoints at steps 15 and 30
+    result = run_tiny_flow(tmp_path / "faulty", synthetic_mirror)
+    assert "Resuming from" in caplog.text and "(step 15)" in caplog.text
+    assert same_weights(final_weights(result), final_weights(uninterrupted))
+    assert loss_steps(result["train_dir"]) == expected_loss_steps(160, TINY)
+
+
+def test_truncated_newest_checkpoint_is_passed_over(
+    uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FASHION_FAULT", "train:50")
+    # Truncate the newest checkpoint the moment the fault fires: the retry must fall back to the one before.
+    original_save = CheckpointStore.save
+
+    def save_then_truncate_at_45(self: CheckpointStore, state: dict) -> Path:
+        path = original_save(self, state)
+        if state["global_step"] == 45:
+            path.write_bytes(path.read_bytes()[:200])
+        return path
+
+    monkeypatch.setattr(CheckpointStore, "save", save_then_truncate_at_45)
+    result = run_tiny_flow(tmp_path / "truncated", synthetic_mirror)
+    assert "Skipping unusable checkpoint" in caplog.text and "step-00000045.pt" in caplog.text
+    assert "(step 40)" in caplog.text  # the epoch-end checkpoint before it
+    assert same_weights(final_weights(result), final_weights(uninterrupted))
+    assert loss_steps(result["train_dir"]) == expected_loss_steps(160, TINY)
+
+
+def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    torch.save({"not": "a checkpoint"}, tmp_path / "step-00000001.pt")
+    (tmp_path / "step-00000002.pt").write_bytes(b"garbage")
+    assert store.latest() is None
+
+
+def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
+    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enough synthetic images that training lasts a few seconds: 4000 / 4 = 1000 steps an epoch.
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
+    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
+    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+
+    work = tmp_path / "killed"
+    work.mkdir()
+    command = [sys.executable, str(FLOW_SCRIPT), *tiny_args(**settings), "--mirror", str(mirror)]
+    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("runs/*/train-*/checkpoints/step-00000600.pt")):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not list(work.glob("runs/*/train-*/training.json")), "training finished before the kill"
+
+    rerun = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Resuming from" in rerun.stdout + rerun.stderr
+    train_dir = next(work.glob("runs/*/train-*"))
+    resumed = torch.load(train_dir / "model.pt", weights_only=True)["model"]
+    assert same_weights(resumed, final_weights(reference))
+    assert loss_steps(train_dir) == expected_loss_steps(4000, settings)
