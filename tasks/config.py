@@ -123,10 +123,11 @@ def parse_config(values: dict) -> RunConfig:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        flag = f"--{field.replace('_', '-')} " if field else ""
-        given = f" (got {first['input']!r})" if field and not isinstance(first["input"], dict) else ""
+        flag = f"--{field.replace('_', '-')}: " if field else ""
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{flag}{message}{given}".strip()) from None
+        named = not field or isinstance(first["input"], dict) or repr(first["input"]) in message
+        given = "" if named else f" (got {first['input']!r})"
+        raise ConfigError(f"{flag}{message[:1].lower()}{message[1:]}{given}") from None
 
 
 def resolve_device(requested: str) -> str:
