@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -17,7 +18,7 @@ from tasks.data import CLASSES, fingerprint, load_split
 from tasks.events import event_files, replacing_writer
 from tasks.faults import fault_point
 from tasks.events import read_scalars
-from tasks.figures import confusion_figure, per_class_accuracy_figure, summary_figure
+from tasks.figures import confusion_figure, per_class_accuracy_figure, png_bytes, summary_figure
 from tasks.train import LOSS_TAG
 from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, sha256_file, write_manifest
 
@@ -54,10 +55,11 @@ def evaluate(model_file: Path, dataset: Path, refresh: bool = False) -> Path:
     metrics["global_step"] = exported["global_step"]
 
     out = manifest_path.parent
-    confusion = torch.tensor(metrics["confusion_matrix"])
+    confusion = np.array(metrics["confusion_matrix"])
     figures = {CONFUSION_TAG: confusion_figure(confusion, CLASSES),
                CLASS_ACCURACY_TAG: per_class_accuracy_figure(metrics["per_class_accuracy"])}
-    curves = {name: precision_recall(probabilities[:, index], labels == index) for index, name in enumerate(CLASSES)}
+    curves = {name: tuple(curve.numpy() for curve in precision_recall(probabilities[:, index], labels == index))
+              for index, name in enumerate(CLASSES)}
     summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
                              f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
     pictures = [save_png(figure, out / f"{tag.replace(' ', '_')}.png") for tag, figure in figures.items()]
@@ -112,7 +114,7 @@ def precision_recall(scores: torch.Tensor, positives: torch.Tensor, points: int 
 
 def save_png(figure: Figure, path: Path) -> Path:
     """Render a figure to a PNG file, atomically."""
-    return atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+    return atomic_write(path, lambda stream: stream.write(png_bytes(figure)))
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:

@@ -1,20 +1,22 @@
-"""Matplotlib figures logged to TensorBoard, built without pyplot so that they are safe off the main thread."""
+"""Matplotlib figures of the run, from numpy arrays, built without pyplot (safe in any thread or process).
+
+This module imports no torch, so the process that renders training figures starts light.
+"""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed, on servers and workers alike
 
-import torch  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def predictions_figure(
-    images: torch.Tensor, probabilities: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
-) -> Figure:
+def predictions_figure(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Figure:
     """The tutorial's "predictions vs. actuals": one subplot per image, titled with the predicted class,
     its probability and the true class, green when right and red when wrong.
 
@@ -24,11 +26,11 @@ def predictions_figure(
         labels: (N,) true classes.
         classes: class names.
     """
-    confidence, predicted = probabilities.max(dim=1)  # (N,), (N,)
+    confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)  # (N,), (N,)
     figure = Figure(figsize=(3 * len(images), 3.6))
     for index, image in enumerate(images):
         axes = figure.add_subplot(1, len(images), index + 1, xticks=[], yticks=[])
-        axes.imshow(image.numpy(), cmap="Greys")
+        axes.imshow(image, cmap="Greys")
         right = bool(predicted[index] == labels[index])
         axes.set_title(
             f"{classes[predicted[index]]}, {100 * confidence[index]:.1f}%\n(label: {classes[labels[index]]})",
@@ -37,17 +39,17 @@ def predictions_figure(
     return figure
 
 
-def confusion_figure(matrix: torch.Tensor, classes: Sequence[str]) -> Figure:
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
     """Counts of true class (rows) against predicted class (columns), each cell annotated."""
     figure = Figure(figsize=(8, 7), layout="constrained")
     axes = figure.add_subplot()
-    image = axes.imshow(matrix.numpy(), cmap="Blues")
+    image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, shrink=0.8)
     axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
              title="Confusion matrix (test set)")
     axes.set_xticklabels(classes, rotation=45, ha="right")
     axes.set_yticklabels(classes)
-    threshold = matrix.max().item() / 2
+    threshold = matrix.max() / 2
     for row in range(len(classes)):
         for column in range(len(classes)):
             count = int(matrix[row, column])
@@ -71,8 +73,8 @@ def per_class_accuracy_figure(accuracy: dict[str, float]) -> Figure:
 
 def summary_figure(
     loss: list[tuple[int, float]],
-    pr_curves: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    confusion: torch.Tensor,
+    pr_curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    confusion: np.ndarray,
     title: str,
 ) -> Figure:
     """One page for someone who opens no TensorBoard: loss curve, PR curves and confusion matrix.
@@ -92,14 +94,26 @@ def summary_figure(
     loss_axes.set(title="training loss", xlabel="step", ylabel="mean cross-entropy")
     loss_axes.grid(alpha=0.3)
     for name, (precision, recall) in pr_curves.items():
-        pr_axes.plot(recall.numpy(), precision.numpy(), label=name, linewidth=1.2)
+        pr_axes.plot(recall, precision, label=name, linewidth=1.2)
     pr_axes.set(title="precision-recall (test set)", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     pr_axes.legend(fontsize=7, loc="lower left")
     pr_axes.grid(alpha=0.3)
-    confusion_axes.imshow(confusion.numpy(), cmap="Blues")
+    confusion_axes.imshow(confusion, cmap="Blues")
     names = list(pr_curves)
     confusion_axes.set(title="confusion matrix", xlabel="predicted", ylabel="true",
                        xticks=range(len(names)), yticks=range(len(names)))
     confusion_axes.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     confusion_axes.set_yticklabels(names, fontsize=7)
     return figure
+
+
+def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
+    """The figure rendered as PNG."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def render_predictions(images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> bytes:
+    """predictions_figure as PNG bytes: what the background renderer runs."""
+    return png_bytes(predictions_figure(images, probabilities, labels, classes))
