@@ -27,7 +27,7 @@ def predictions_figure(images: np.ndarray, probabilities: np.ndarray, labels: np
         classes: class names.
     """
     confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)  # (N,), (N,)
-    figure = Figure(figsize=(3 * len(images), 3.6))
+    figure = Figure(figsize=(3 * len(images), 3.3), layout="constrained")
     for index, image in enumerate(images):
         axes = figure.add_subplot(1, len(images), index + 1, xticks=[], yticks=[])
         axes.imshow(image, cmap="Greys")
