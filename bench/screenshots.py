@@ -1,0 +1,191 @@
+"""README pictures from a finished run: TensorBoard's SCALARS dashboard as Chromium renders it, and the run's summary.
+
+    python bench/screenshots.py [RUN_DIR] [--docs DOCS]
+
+TensorBoard serves RUN_DIR's parent (the runs folder, as in `tensorboard --logdir runs`), so the runs keep their names;
+the picture shows RUN_DIR's runs only.
+The helpers that start TensorBoard and Chromium are shared with tests/test_tensorboard_ui.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+# Debian's Chromium, never a downloaded one; no sandbox (it will not start as root with one, as in CI), no GPU,
+# and nothing fetched from outside.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+VIEWPORT = {"width": 1280, "height": 960}
+# The element of one chart in each dashboard; it holds the tag's name and the chart's SVG.
+CARDS = {"scalars": "tf-scalar-card", "pr_curves": "tf-pr-curve-card"}
+# A plotted line with at least two points: Plottable draws each as `<path class="line" d="M… L…">`.
+DRAWN_LINE = 'path.line[d*="L"]'
+LOSS_TAG = "training loss"
+# The tabs a finished run fills. PROJECTOR joins the tab bar a moment after the first request (checked in a thread).
+RUN_TABS = {"scalars", "images", "graphs", "text", "pr_curves", "hparams", "projector"}
+T = TypeVar("T")
+# Loopback only: never through a proxy that the environment may name.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch_json(url: str, body: dict[str, Any] | None = None) -> Any:
+    """GET `url`, or POST `body` to it as JSON, and decode the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with _opener.open(request, timeout=10) as response:
+        return json.load(response)
+
+
+def fetch_bytes(url: str) -> bytes:
+    with _opener.open(url, timeout=10) as response:
+        return response.read()
+
+
+def active_tabs(url: str) -> set[str]:
+    """The dashboards TensorBoard shows as tabs: those with data."""
+    return {name for name, plugin in fetch_json(f"{url}/data/plugins_listing").items() if plugin["enabled"]}
+
+
+def tags(url: str, plugin: str) -> dict[str, Any]:
+    """Run name -> that run's tags in `plugin` ("scalars", "images", "pr_curves", "text")."""
+    return fetch_json(f"{url}/data/plugin/{plugin}/tags")
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float) -> T:
+    """Call `check` until it returns something truthy (connection errors count as not yet) and return that;
+    TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except OSError:  # URLError included: not listening yet
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+@contextmanager
+def tensorboard(logdir: Path, log: Path, timeout: float = 60) -> Iterator[str]:
+    """TensorBoard serving `logdir` on a free loopback port, its output written to `log`.
+
+    Yields its base URL once it lists a run; stops it and its data server on exit, also on errors.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+               "--port", str(port)]
+    with open(log, "wb") as output:
+        # A process group of its own: stopping it also stops the data server it starts.
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def answers() -> Any:
+            if process.poll() is not None:
+                raise RuntimeError(f"TensorBoard exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            return fetch_json(f"{url}/data/runs")
+
+        wait_for(answers, f"TensorBoard listing a run of {logdir} at {url}", timeout)
+        yield url
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Terminate the process group led by `process`; kill it if it is still there after 10 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+    except ProcessLookupError:
+        pass  # the whole group has already gone
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A page in headless Debian Chromium driven by playwright; the browser and its driver end on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport=VIEWPORT)
+        finally:
+            browser.close()
+
+
+def show_dashboard(page: Page, url: str, dashboard: str, tag: str, runs: str = "", timeout_ms: float = 30_000) -> None:
+    """Open TensorBoard's `dashboard` tab, showing the runs that match the regex `runs` (all if empty),
+    and wait until the chart of `tag` has drawn its line.
+
+    Playwright's CSS and text selectors pierce the shadow DOM of TensorBoard's web components.
+    """
+    run_filter = f"&regexInput={quote(runs, safe='')}" if runs else ""  # the runs selector's filter, kept in the URL
+    page.goto(f"{url}/#{dashboard}{run_filter}")
+    card = page.locator(CARDS[dashboard]).filter(has=page.get_by_text(tag, exact=True)).first
+    card.locator(DRAWN_LINE).first.wait_for(state="attached", timeout=timeout_ms)
+    page.mouse.move(0, 0)  # no hover tooltip in the picture
+    page.wait_for_load_state("networkidle", timeout=timeout_ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", nargs="?", type=Path, default=REPO / "runs" / "fashion_mnist_experiment_1",
+                        help="a finished run (default: %(default)s)")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs", help="where the PNGs go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    summary = args.run_dir / "summary.png"
+    if not summary.is_file():
+        print(f"screenshots.py: error: {args.run_dir} is not a finished run (no summary.png)", file=sys.stderr)
+        return 2
+    if not CHROMIUM.is_file():
+        print(f"screenshots.py: error: no Chromium at {CHROMIUM}", file=sys.stderr)
+        return 2
+    args.docs.mkdir(parents=True, exist_ok=True)
+    picture = args.docs / "tensorboard.png"
+    run = args.run_dir.resolve()
+    trainings = [f"{run.name}/{folder.name}" for folder in run.glob("train-*")]  # their TensorBoard run names
+    with tempfile.TemporaryDirectory() as scratch, tensorboard(run.parent, Path(scratch) / "tensorboard.log") as url:
+        training = lambda: any(LOSS_TAG in tags(url, "scalars").get(name, {}) for name in trainings)  # noqa: E731
+        wait_for(lambda: RUN_TABS <= active_tabs(url) and training(), f"every tab of {run} in TensorBoard", 60)
+        with chromium_page() as page:
+            show_dashboard(page, url, "scalars", LOSS_TAG, runs=f"^{re.escape(run.name)}(/|$)")
+            page.screenshot(path=str(picture))
+    shutil.copyfile(summary, args.docs / "summary.png")
+    print(f"Wrote {picture} and {args.docs / 'summary.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
