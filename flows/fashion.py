@@ -6,14 +6,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+if __name__ == "__main__":
+    # First a bad option fails in a blink; then Prefect's temporary server boots while the heavy imports run.
+    from flows.command_line import parse_command_line
+    from tasks.prefect_server import start_temporary_server
+
+    if not parse_command_line(sys.argv[1:]).serve:
+        start_temporary_server()
+
 from dataclasses import fields
-from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from prefect import Task, flow
 
+from flows.command_line import fail, parse_command_line
 from tasks.checkpoint import checkpoint_task
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
@@ -24,15 +32,11 @@ from tasks.evaluate import evaluate_task
 from tasks.graph import graph_task
 from tasks.inspection import inspect_task
 from tasks.lock import experiment_lock
+from tasks.prefect_server import wait_for_temporary_server
 from tasks.report import report_task
 from tasks.train import Hyperparameters, train_task
 
 DEFAULTS = RunConfig()
-PRESETS: dict[str, dict[str, Any]] = {
-    "tutorial": {},
-    # For accuracy rather than the tutorial's numbers: the same Net reaches >= 0.90 on the CPU in minutes.
-    "accurate": {"optimizer": "adam", "schedule": "onecycle", "batch_size": 64, "epochs": 15, "lr": 0.005},
-}
 
 
 class Stages:
@@ -89,44 +93,20 @@ def hyperparameters(config: RunConfig) -> Hyperparameters:
     return Hyperparameters(**{field.name: getattr(config, field.name) for field in fields(Hyperparameters)})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one option per RunConfig field, with its help text and default."""
-    parser = argparse.ArgumentParser(
-        prog="fashion.py", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # only the options given reach RunConfig, over the preset
-    )
-    for name, field in RunConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
-        choices = get_args(field.annotation) if name in ("optimizer", "schedule") else None
-        if name == "refresh":
-            parser.add_argument(flag, nargs="?", const="all", type=lambda text: text.split(","), metavar="STAGES",
-                                help=f"{field.description} Alone: all stages.")
-        else:
-            parser.add_argument(flag, choices=choices, help=f"{field.description} (default: {default})")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tutorial",
-                        help="Starting values: 'tutorial' (the tutorial's settings) or 'accurate' (Adam, one-cycle, "
-                             "batch 64, 15 epochs); options given explicitly win.")
-    parser.add_argument("--serve", action="store_true", default=False,
-                        help="Serve the flow on the schedule of prefect.yaml from this process instead of running it once.")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    preset, serve = args.pop("preset"), args.pop("serve")
+    """Run the flow once (or serve it) as the command line asks; bad parameters exit with status 2."""
+    command = parse_command_line(sys.argv[1:] if argv is None else argv)
     try:
-        config = parse_config(PRESETS[preset] | args)
-        resolve_device(config.device)
+        resolve_device(command.config.device)
     except ConfigError as error:
-        print(f"fashion.py: error: {error}", file=sys.stderr)
-        return 2
-    if serve:
+        fail(error)
+    if command.serve:
         from flows.schedule import serve_on_schedule
 
-        serve_on_schedule(fashion, config.model_dump())
+        serve_on_schedule(fashion, command.config.model_dump())
         return 0
-    result = fashion(**config.model_dump())
+    wait_for_temporary_server()
+    result = fashion(**command.config.model_dump())
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

@@ -11,13 +11,22 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
+        for block in iter(lambda: stream.read(1 << 20), b""):  # 1 MiB at a time: flat memory for any size
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return _file_digest(path, "sha256")
+
+
+def md5_file(path: Path) -> str:
+    """Hex md5 of a file: how the dataset's publishers name its files' checksums."""
+    return _file_digest(path, "md5")
 
 
 def digest_json(value: Any) -> str:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.data import CLASSES, fingerprint, load_split
@@ -36,6 +35,8 @@ def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = Fals
     manifest_path, facts = inspection_output(dataset, run_dir, seed)
     if not refresh and read_manifest(manifest_path, **facts):
         return manifest_path
+    from torchvision.utils import make_grid  # here, not at the top: importing torchvision takes seconds
+
     images, labels = load_split(dataset, "train")  # uint8 (N, 28, 28), (N,)
     generator = torch.Generator().manual_seed(seed)
     four = torch.randperm(len(images), generator=generator)[:4]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.fashion import build_parser, main
+from flows.command_line import build_parser
+from flows.fashion import main
 from tasks.config import STAGES, RunConfig
 from tests.conftest import run_flow_script
 
@@ -30,7 +31,9 @@ def test_bad_parameter_exits_2_with_one_line(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("not a folder")
-    assert main(args) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("fashion.py: error: ") and message in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
@@ -45,6 +48,15 @@ def test_script_exit_status_and_help(tmp_path: Path) -> None:
     for name in RunConfig.model_fields:
         assert "--" + name.replace("_", "-") in help_text
     assert all(stage in help_text for stage in STAGES)
+
+
+def test_torchvision_constants_match() -> None:
+    from torchvision.datasets import FashionMNIST
+
+    from tasks.data import CLASSES, OFFICIAL_FILES
+
+    assert CLASSES == tuple(FashionMNIST.classes)
+    assert OFFICIAL_FILES == dict(FashionMNIST.resources)
 
 
 def test_defaults_are_the_tutorials() -> None:
