@@ -20,6 +20,7 @@ from tasks.faults import fault_point
 from tasks.events import read_scalars
 from tasks.figures import confusion_figure, per_class_accuracy_figure, png_bytes, summary_figure
 from tasks.train import LOSS_TAG
+from tasks.progress import StepProgress
 from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, sha256_file, write_manifest
 
 EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
@@ -79,9 +80,15 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     net.load_state_dict(exported["model"])
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
     torch.set_num_threads(os.cpu_count() or 1)
+    chunks = images.split(EVAL_BATCH)
+    progress = StepProgress("evaluate", total=len(chunks))
+    probabilities = []
     with torch.no_grad():
-        chunks = [torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1) for chunk in images.split(EVAL_BATCH)]
-    return torch.cat(chunks)
+        for chunk in chunks:
+            probabilities.append(torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1))  # (B, C)
+            progress.advance()
+    progress.close()
+    return torch.cat(probabilities)
 
 
 def score(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
