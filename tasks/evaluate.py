@@ -15,9 +15,8 @@ from tasks import batches, model
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.checkpoint import load_model_file
 from tasks.data import CLASSES, fingerprint, load_split
-from tasks.events import event_files, replacing_writer
+from tasks.events import event_files, read_scalars, replacing_writer
 from tasks.faults import fault_point
-from tasks.events import read_scalars
 from tasks.figures import confusion_figure, per_class_accuracy_figure, png_bytes, summary_figure
 from tasks.train import LOSS_TAG
 from tasks.progress import StepProgress

@@ -19,11 +19,10 @@ from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.checkpoint import CheckpointStore
 from tasks.data import CLASSES, fingerprint, load_split
 from tasks.faults import fault_point
-from tasks.figures import render_predictions
+from tasks.figures import PredictionsFigure
 from tasks.files import digest_json, read_manifest, write_manifest
 from tasks.log import stage_logger
 from tasks.progress import StepProgress
-from tasks.rendering import BackgroundFigures
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
 
@@ -99,11 +98,9 @@ def train(
         loop.load_state(found[1])
     # purge_step drops the points that a killed run logged after its last checkpoint: no duplicates.
     writer = SummaryWriter(str(out), purge_step=loop.global_step + 1 if found else None, filename_suffix=".training")
-    figures = BackgroundFigures(writer)
     try:
-        loop.run(images, labels, writer, figures, store, log_every, checkpoint_every)
+        loop.run(images, labels, writer, store, log_every, checkpoint_every)
     finally:
-        figures.close()
         writer.close()
     final = store.save(loop.state_dict(complete=True))
     return write_manifest(
@@ -158,14 +155,15 @@ class TrainingLoop:
         self.running_loss = state["running_loss"].to(self.device)
 
     def run(
-        self, images: torch.Tensor, labels: torch.Tensor, writer: SummaryWriter, figures: BackgroundFigures,
-        store: CheckpointStore, log_every: int, checkpoint_every: int,
+        self, images: torch.Tensor, labels: torch.Tensor, writer: SummaryWriter, store: CheckpointStore,
+        log_every: int, checkpoint_every: int,
     ) -> None:
         """Train from the current position to the last epoch, logging and checkpointing on the way."""
         criterion = nn.CrossEntropyLoss()
         images, labels = images.to(self.device), labels.to(self.device)  # 47 MB of uint8: one copy, then index
         total = self.hp.epochs * self.batches_per_epoch
         progress = StepProgress("train", total=total, done=self.global_step)
+        figure = PredictionsFigure(CLASSES)
         self.model.train()
         try:
             while self.epoch < self.hp.epochs:
@@ -184,17 +182,17 @@ class TrainingLoop:
                     self.batches_done, self.global_step = batch + 1, self.global_step + 1
                     progress.advance()
                     if self.global_step % log_every == 0:
-                        self._log_point(writer, figures, progress, images[index], inputs, targets, log_every)
+                        self._log_point(writer, figure, progress, images[index], inputs, targets, log_every)
                     if self.global_step % checkpoint_every == 0:
-                        self._checkpoint(writer, figures, store)
+                        self._checkpoint(writer, store)
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.order_state = self.order.state()
-                self._checkpoint(writer, figures, store)
+                self._checkpoint(writer, store)
         finally:
             progress.close()
 
     def _log_point(
-        self, writer: SummaryWriter, figures: BackgroundFigures, progress: StepProgress, raw: torch.Tensor,
+        self, writer: SummaryWriter, figure: PredictionsFigure, progress: StepProgress, raw: torch.Tensor,
         inputs: torch.Tensor, targets: torch.Tensor, log_every: int,
     ) -> None:
         """Average loss since the last point, and the tutorial's figure on this batch (at most 4 images)."""
@@ -206,12 +204,11 @@ class TrainingLoop:
             self.model.eval()
             probabilities = torch.softmax(self.model(inputs[:4]), dim=1)  # (4, C)
             self.model.train()
-        figures.submit(PREDICTIONS_TAG, self.global_step, render_predictions,
-                       raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy(), CLASSES)
+        picture = figure.render(raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
+        writer.add_image(PREDICTIONS_TAG, picture, self.global_step)  # (3, H, W) uint8
 
-    def _checkpoint(self, writer: SummaryWriter, figures: BackgroundFigures, store: CheckpointStore) -> None:
+    def _checkpoint(self, writer: SummaryWriter, store: CheckpointStore) -> None:
         # Events first: every point up to this step must be on disk before a resume may start here.
-        figures.write_ready(wait=True)
         writer.flush()
         store.save(self.state_dict())
 

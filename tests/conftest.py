@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 FLOW_SCRIPT = REPO / "flows" / "fashion.py"
 # Small settings that still exercise every stage: 160 training images in batches of 4 = 40 steps an epoch.
-TINY = {"epochs": 2, "batch_size": 4, "lr": 0.05, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
+TINY = {"epochs": 2, "batch_size": 4, "lr": 0.02, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,16 @@ def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("synthetic-mirror")
     write_synthetic_fashion_mnist(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def finished_run(prefect_api_url: str, synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One flow run on the synthetic data (TINY settings), shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("flow")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASHION_MNIST_CHECKSUMS", str(synthetic_folder / "checksums.json"))
+        result = run_tiny_flow(root, synthetic_folder)
+    return root / "runs" / "tiny", result
 
 
 @pytest.fixture

@@ -5,23 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from flows.fashion import fashion
 from tasks.data import CLASSES
 from tests.conftest import TINY
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
-
-
-@pytest.fixture(scope="module")
-def finished_run(prefect_api_url: str, synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One flow run on the synthetic data, shared by the checks below."""
-    root = tmp_path_factory.mktemp("flow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASHION_MNIST_CHECKSUMS", str(synthetic_folder / "checksums.json"))
-        result = fashion(experiment="tiny", runs_dir=str(root / "runs"), data_dir=str(root / "data"),
-                         mirror=str(synthetic_folder), **TINY)
-    return root / "runs" / "tiny", result
 
 
 def test_flow_returns_and_writes_metrics(finished_run: tuple[Path, dict]) -> None:
@@ -32,7 +18,7 @@ def test_flow_returns_and_writes_metrics(finished_run: tuple[Path, dict]) -> Non
     assert set(written["per_class_ap"]) == set(CLASSES)
     assert all(0.0 <= ap <= 1.0 for ap in written["per_class_ap"].values())
     # The synthetic classes are easy: a working pipeline learns them well past chance (0.1).
-    assert result["test_accuracy"] > 0.3
+    assert result["test_accuracy"] > 0.6
 
 
 def test_images_graph_and_projector_in_run(finished_run: tuple[Path, dict]) -> None:

@@ -17,7 +17,6 @@ from bench.screenshots import (
 from tasks.data import CLASSES
 from tasks.report import HPARAM_FIELDS
 from tests.conftest import TINY
-from tests.test_flow import finished_run  # noqa: F401  (the same tiny flow run, once for this module)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -42,7 +41,7 @@ def query(url: str, route: str, **params: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(finished_run: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:  # noqa: F811
+def served(finished_run: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """TensorBoard on the runs folder, once every tab has the run's data; stopped afterwards, also on failure."""
     run_dir, result = finished_run
     log = tmp_path_factory.mktemp("tensorboard") / "tensorboard.log"
