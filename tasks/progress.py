@@ -15,7 +15,7 @@ from tasks.log import stage_logger
 class StepProgress:
     """Counts steps from `done` to `total`; reports at most every `every_seconds`, never per step."""
 
-    def __init__(self, description: str, total: int, done: int = 0, every_seconds: float = 2.0) -> None:
+    def __init__(self, description: str, total: int, done: int = 0, every_seconds: float = 10.0) -> None:
         self.description, self.total, self.done = description, total, done
         self.every_seconds = every_seconds
         self.last_report = time.monotonic()
