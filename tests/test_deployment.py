@@ -1,0 +1,328 @@
+"""prefect.yaml's deployment on a real Prefect server and process worker, both started here on 127.0.0.1.
+
+One server, work pool, deployment and worker serve the whole module; every process is stopped at the
+end, also when a test fails. The worker runs in a folder outside the repository, so the deployment's
+pull step must find the code by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.schedule import DEPLOYMENT, deployment_schedule, deployment_spec
+from tasks.config import STAGES
+from tests.conftest import FLOW_SCRIPT, REPO, TINY
+from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
+
+FLOW_NAME = "fashion-mnist"
+SPEC = deployment_spec()
+POOL = SPEC["work_pool"]["name"]
+TASK_RUNS = len(STAGES) + 1  # of one complete flow attempt: the stages and the report
+T = TypeVar("T")
+
+
+# --- fast: the schedule as prefect.yaml writes it -------------------------------------------------
+
+
+def test_schedule_read_from_prefect_yaml(tmp_path: Path) -> None:
+    (tmp_path / "prefect.yaml").write_text(
+        "deployments:\n"
+        "  - name: other\n    schedules: [{cron: '0 1 * * *', timezone: UTC}]\n"
+        "  - name: weekly\n    schedules: [{cron: '30 2 * * 1', timezone: Europe/Berlin}]\n"
+    )
+    schedule = deployment_schedule("weekly", tmp_path / "prefect.yaml")
+    assert (schedule.cron, schedule.timezone) == ("30 2 * * 1", "Europe/Berlin")
+    with pytest.raises(LookupError, match="'missing'"):
+        deployment_schedule("missing", tmp_path / "prefect.yaml")
+
+
+def test_repository_deployment_is_nightly_and_never_overlaps() -> None:
+    schedule = deployment_schedule()
+    assert schedule.cron == "0 3 * * *" and schedule.timezone == "UTC"
+    assert SPEC["entrypoint"] == "flows/fashion.py:fashion"
+    assert SPEC["concurrency_limit"] == 1
+
+
+# --- real processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    api_url: str
+    env: dict[str, str]  # for every Prefect process of this module: this server, this Prefect home
+    logs: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    """Start a process in a session of its own, writing its output to `log`."""
+    with open(log, "wb") as output:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop the process and every process below it (a worker starts each flow run in a session of its own):
+    SIGTERM, then SIGKILL for those still there after 15 s."""
+    try:
+        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(10)
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, log: Path) -> T:
+    """Poll `check` until it returns something other than None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value is not None:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; {log.name}:\n{tail(log)}")
+
+
+def prefect_cli(server: Server, *args: str) -> None:
+    """`prefect ARGS` in the repository, against the module's server."""
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=server.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`prefect server start` on a free loopback port, with SQLite in a Prefect home of its own."""
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_API_URL": api_url,  # replaces any other server's address inherited from the tests
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # No runs created from the nightly schedule: one due now would fetch the real dataset.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        # A run waiting for the deployment's one slot asks again after 1 s instead of 30 s.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    log = root / "server.log"
+    process = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env, log)
+    try:
+        def healthy() -> bool | None:
+            assert process.poll() is None, f"the Prefect server exited:\n{tail(log)}"
+            try:
+                return httpx.get(f"{api_url}/health", timeout=2).status_code == 200 or None
+            except httpx.HTTPError:
+                return None
+
+        wait_for(healthy, 120, "the Prefect server", log)
+        yield Server(api_url, env, root)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[SyncPrefectClient]:
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        api = get_client(sync_client=True)
+    with api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def deployment(server: Server, client: SyncPrefectClient) -> DeploymentResponse:
+    """prefect.yaml deployed the way the README says: work pool, then `prefect deploy`."""
+    prefect_cli(server, "work-pool", "create", POOL, "--type", "process")
+    prefect_cli(server, "--no-prompt", "deploy", "--all")
+    return client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT}")
+
+
+@pytest.fixture(scope="module")
+def worker(server: Server, deployment: DeploymentResponse, synthetic_folder: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A process worker on the pool, started in an empty folder outside the repository; yields its log."""
+    elsewhere = tmp_path_factory.mktemp("worker-cwd")
+    env = server.env | {"FASHION_MNIST_CHECKSUMS": str(synthetic_folder / "checksums.json")}
+    log = server.logs / "worker.log"
+    process = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, log, cwd=elsewhere)
+    try:
+        yield log
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def tiny_parameters(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("deployment-runs")
+    return TINY | {"runs_dir": str(root / "runs"), "data_dir": str(root / "data"), "mirror": str(synthetic_folder)}
+
+
+def wait_until_final(client: SyncPrefectClient, created: FlowRun, log: Path, timeout: float = 240) -> FlowRun:
+    """The flow run, read once the worker has brought it to a final state."""
+
+    def finished() -> FlowRun | None:
+        run = client.read_flow_run(created.id)
+        return run if run.state is not None and run.state.is_final() else None
+
+    return wait_for(finished, timeout, f"flow run {created.name}", log)
+
+
+def stage_states(client: SyncPrefectClient, flow_run: FlowRun, count: int, log: Path) -> dict[str, list[str]]:
+    """Each task's run states in start order, e.g. {"train": ["Completed", "Cached"]}, once all `count` task runs
+    are recorded in a final state (the server records them from events, a moment after the flow run ends)."""
+
+    def recorded() -> dict[str, list[str]] | None:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC)
+        if len(runs) < count or not all(run.state is not None and run.state.is_final() for run in runs):
+            return None
+        states: dict[str, list[str]] = {}
+        for task_run in runs:
+            states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
+        return states
+
+    return wait_for(recorded, 30, f"the task runs of {flow_run.name}", log)
+
+
+def test_deployed_with_schedule_limit_schema_and_portable_pull_step(deployment: DeploymentResponse) -> None:
+    assert deployment.work_pool_name == POOL
+    assert deployment.entrypoint == "flows/fashion.py:fashion"
+    assert deployment.parameters == SPEC["parameters"]
+    [schedule] = deployment.schedules
+    assert schedule.active
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "UTC")
+    assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+    properties = deployment.parameter_openapi_schema["properties"]
+    assert properties["epochs"]["minimum"] == 1 and properties["optimizer"]["enum"] == ["sgd", "adam"]
+    # Nothing of the deploying machine's checkout is stored: the worker finds the code itself.
+    assert str(REPO) not in json.dumps(deployment.pull_steps)
+
+
+@pytest.mark.parametrize("invalid", [{"epochs": 0}, {"batch_size": 0}, {"optimizer": "lbfgs"}])
+def test_invalid_parameters_are_rejected(client: SyncPrefectClient, deployment: DeploymentResponse,
+                                         invalid: dict[str, Any]) -> None:
+    with pytest.raises(PrefectHTTPStatusError) as rejected:
+        client.create_flow_run_from_deployment(deployment.id, parameters=invalid)
+    assert rejected.value.response.status_code == 409
+    assert f"field '{next(iter(invalid))}'" in rejected.value.response.text
+
+
+@pytest.fixture(scope="module")
+def first_run(client: SyncPrefectClient, deployment: DeploymentResponse, worker: Path,
+              tiny_parameters: dict[str, Any]) -> FlowRun:
+    created = client.create_flow_run_from_deployment(deployment.id,
+                                                     parameters=tiny_parameters | {"experiment": "deployed"})
+    return wait_until_final(client, created, worker)
+
+
+def test_worker_run_completes_with_tensorboard_output(client: SyncPrefectClient, worker: Path, first_run: FlowRun,
+                                                       tiny_parameters: dict[str, Any]) -> None:
+    assert first_run.state.is_completed(), f"{first_run.state}"
+    assert stage_states(client, first_run, TASK_RUNS, worker)["train"] == ["Completed"]
+    runs = load_runs(Path(tiny_parameters["runs_dir"]) / "deployed")
+    assert image_steps(runs, ".", "four_fashion_mnist_images") == [0]
+    total_steps = TINY["epochs"] * 160 // TINY["batch_size"]
+    assert scalar_steps(runs, training_run(runs), "training loss") == list(range(TINY["log_every"], total_steps + 1,
+                                                                                 TINY["log_every"]))
+
+
+@pytest.fixture(scope="module")
+def later_runs(client: SyncPrefectClient, deployment: DeploymentResponse, worker: Path, first_run: FlowRun,
+               tiny_parameters: dict[str, Any]) -> dict[str, FlowRun]:
+    """Two runs created at once: the first run's parameters again, and a new experiment whose evaluation fails once."""
+    created = {
+        "again": client.create_flow_run_from_deployment(
+            deployment.id, parameters=tiny_parameters | {"experiment": "deployed"}),
+        "faulty": client.create_flow_run_from_deployment(
+            deployment.id, parameters=tiny_parameters | {"experiment": "faulty"},
+            job_variables={"env": {"FASHION_FAULT": "evaluate"}}),
+    }
+    return {name: wait_until_final(client, run, worker) for name, run in created.items()}
+
+
+def test_second_run_takes_training_from_cache(client: SyncPrefectClient, worker: Path,
+                                              later_runs: dict[str, FlowRun]) -> None:
+    again = later_runs["again"]
+    assert again.state.is_completed(), f"{again.state}"
+    states = stage_states(client, again, TASK_RUNS, worker)
+    assert states.pop("report") == ["Completed"]  # the report is always written afresh
+    assert states == {stage: ["Cached"] for stage in STAGES}
+
+
+def test_failed_stage_is_retried_from_cache(client: SyncPrefectClient, worker: Path,
+                                            later_runs: dict[str, FlowRun]) -> None:
+    faulty = later_runs["faulty"]
+    assert faulty.state.is_completed(), f"{faulty.state}"
+    assert faulty.run_count == 2  # the flow's own retry, in the same flow run
+    assert "AwaitingRetry" in [state.name for state in client.read_flow_run_states(faulty.id)]
+    states = stage_states(client, faulty, 2 * TASK_RUNS - 1, worker)
+    assert states["evaluate"] == ["Failed", "Completed"]
+    # Trained once; the retry took every finished stage from cache.
+    assert states["train"] == states["inspect"] == states["graph"] == states["checkpoint"] == ["Completed", "Cached"]
+
+
+def test_runs_never_overlap(client: SyncPrefectClient, later_runs: dict[str, FlowRun]) -> None:
+    first, second = sorted(later_runs.values(), key=lambda run: run.start_time)
+    assert first.end_time <= second.start_time
+    assert "AwaitingConcurrencySlot" in [state.name for state in client.read_flow_run_states(second.id)]
+
+
+def test_serve_uses_the_schedule_of_prefect_yaml(server: Server, client: SyncPrefectClient) -> None:
+    log = server.logs / "serve.log"
+    process = start([sys.executable, str(FLOW_SCRIPT), "--serve", "--experiment", "served", "--epochs", "3"],
+                    server.env, log)
+    try:
+        def served() -> DeploymentResponse | None:
+            assert process.poll() is None, f"fashion.py --serve exited:\n{tail(log)}"
+            try:
+                return client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT}-serve")
+            except ObjectNotFound:
+                return None
+
+        deployment = wait_for(served, 120, "the served deployment", log)
+    finally:
+        stop(process)
+    [schedule] = deployment.schedules
+    expected = deployment_schedule()
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (expected.cron, expected.timezone)
+    assert deployment.parameters["experiment"] == "served" and deployment.parameters["epochs"] == 3
+    assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
