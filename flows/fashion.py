@@ -25,7 +25,8 @@ from flows.command_line import fail, parse_command_line
 from tasks.checkpoint import checkpoint_task
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
-    Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, parse_config, resolve_device,
+    Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
+    resolve_device,
 )
 from tasks.data import download_task
 from tasks.evaluate import evaluate_task
@@ -53,6 +54,7 @@ class Stages:
 
 
 @flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=5, persist_result=True)
+@documented_parameters
 def fashion(
     experiment: Experiment = DEFAULTS.experiment,
     runs_dir: RunsDir = DEFAULTS.runs_dir,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -114,6 +115,17 @@ class RunConfig(BaseModel):
     def source(self) -> str | None:
         """Where the dataset comes from: --mirror, else env FASHION_MNIST_MIRROR, else the official mirrors."""
         return self.mirror or os.environ.get("FASHION_MNIST_MIRROR") or None
+
+
+def documented_parameters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Append an `Args:` section built from RunConfig's field descriptions to `fn`'s docstring.
+
+    Prefect reads parameter descriptions from that section for the deployment's parameter schema and
+    the UI's run form; this keeps the descriptions written once, in RunConfig.
+    """
+    lines = [f"    {name}: {field.description}" for name, field in RunConfig.model_fields.items()]
+    fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n" + "\n".join(lines)
+    return fn
 
 
 def parse_config(values: dict) -> RunConfig:

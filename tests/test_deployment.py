@@ -233,6 +233,7 @@ def test_deployed_with_schedule_limit_schema_and_portable_pull_step(deployment: 
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
     properties = deployment.parameter_openapi_schema["properties"]
     assert properties["epochs"]["minimum"] == 1 and properties["optimizer"]["enum"] == ["sgd", "adam"]
+    assert properties["epochs"]["description"] == "Passes over the training set."  # the UI's run form explains each
     # Nothing of the deploying machine's checkout is stored: the worker finds the code itself.
     assert str(REPO) not in json.dumps(deployment.pull_steps)
 
