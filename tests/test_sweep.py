@@ -1,0 +1,161 @@
+"""Sweeps fanned out on a Dask cluster of worker processes on loopback: results, comparison, failures, reruns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows.fashion import hyperparameters
+from flows.sweep import main, plan
+from tasks.data import download
+from tasks.train import train_task, training_dir
+from tests.conftest import TINY, final_weights, same_weights, tiny_args
+from tests.tensorboard_reader import load_runs
+
+
+@pytest.fixture(scope="module")
+def dask_address(prefect_api_url: str, synthetic_folder: Path) -> Iterator[str]:
+    """A Dask scheduler and two single-threaded worker processes on loopback, shared by this module's sweeps."""
+    from distributed import LocalCluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Set before the workers start: they inherit this environment (PREFECT_API_URL and PREFECT_HOME are in it too).
+        patch.setenv("FASHION_MNIST_CHECKSUMS", str(synthetic_folder / "checksums.json"))
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address="127.0.0.1:0") as cluster:
+            yield cluster.scheduler_address
+
+
+def sweep_args(root: Path, mirror: Path, address: str) -> list[str]:
+    """Folders under `root`, the synthetic mirror, the cluster and the tiny settings as base values."""
+    return ["--runs-dir", str(root / "runs"), "--data-dir", str(root / "data"), "--mirror", str(mirror),
+            "--dask-address", address, *tiny_args(**TINY)]
+
+
+def read_summary(root: Path, name: str) -> dict:
+    return json.loads((root / "runs" / name / "sweep.json").read_text())
+
+
+def test_sweep_runs_every_configuration_and_names_the_best(
+    dask_address: str, synthetic_folder: Path, tmp_path: Path, finished_run: tuple[Path, dict]
+) -> None:
+    rates = [0.002, TINY["lr"], 0.2]
+    assert main(["--name", "sweep1", "--grid", json.dumps({"lr": rates}),
+                 *sweep_args(tmp_path, synthetic_folder, dask_address)]) == 0
+
+    sweep_dir = tmp_path / "runs" / "sweep1"
+    summary = read_summary(tmp_path, "sweep1")
+    entries = summary["configurations"]
+    assert [entry["name"] for entry in entries] == [f"lr={rate}" for rate in rates]
+    accuracies, train_dirs = {}, set()
+    for entry, rate in zip(entries, rates):
+        run_dir = sweep_dir / entry["name"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert entry["state"] == "Completed" and "error" not in entry
+        assert metrics["parameters"]["lr"] == rate and metrics["parameters"]["experiment"] == f"sweep1/{entry['name']}"
+        assert entry["test_accuracy"] == metrics["test_accuracy"] and entry["mean_ap"] == metrics["mean_ap"]
+        train_dir = Path(metrics["train_dir"])
+        assert train_dir.parent == run_dir
+        for name in ("inspect.json", "graph.json", "summary.png", "projector_config.pbtxt"):
+            assert (run_dir / name).is_file(), name
+        for name in ("training.json", "model.pt", "evaluation.json", "metrics.json", "confusion_matrix.png"):
+            assert (train_dir / name).is_file(), name
+        accuracies[entry["name"]] = metrics["test_accuracy"]
+        train_dirs.add(train_dir)
+    assert len(train_dirs) == len(rates)
+    best = max(accuracies.values())
+    assert summary["best"]["name"] == next(name for name, accuracy in accuracies.items() if accuracy == best)
+    assert summary["best"]["test_accuracy"] == best and summary["failed"] == 0
+    # Each worker process trains alone, so a run's weights are those of the same run made by flows/fashion.py.
+    single = finished_run[1]
+    [twin] = [entry for entry in entries if Path(entry["train_dir"]).name == Path(single["train_dir"]).name]
+    assert twin["values"] == {"lr": TINY["lr"]} and same_weights(final_weights(twin), final_weights(single))
+
+    # TensorBoard's HPARAMS tab, pointed at the sweep, holds one session per configuration.
+    from tensorboard.plugins.hparams import metadata
+
+    sessions = {run: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
+                for run, tags in load_runs(sweep_dir).PluginRunToTagToContent(metadata.PLUGIN_NAME).items()
+                if metadata.SESSION_START_INFO_TAG in tags}
+    assert sorted(session.hparams["lr"].number_value for session in sessions.values()) == rates
+    assert {str(sweep_dir / run) for run in sessions} == {str(path) for path in train_dirs}
+
+
+def test_failing_configuration_is_reported_and_rerun_trains_only_it(
+    dask_address: str, synthetic_folder: Path, tmp_path: Path
+) -> None:
+    configurations = [{"lr": 0.01}, {"lr": 0.05, "seed": 1}, {"lr": 0.1}]
+    args = ["--name", "sweep2", "--configurations", json.dumps(configurations),
+            *sweep_args(tmp_path, synthetic_folder, dask_address)]
+    # A fault in one configuration only: a file where its training folder goes, so its train stage always fails.
+    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_folder)}
+    failing = plan("sweep2", base, configurations=configurations)[2]
+    dataset = download(base["data_dir"], mirror=base["mirror"])
+    blocker = training_dir(dataset, str(failing.config.run_dir), hyperparameters(failing.config), failing.device)
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+
+    assert main(args) == 1
+    summary = read_summary(tmp_path, "sweep2")
+    names = ["lr=0.01,seed=0", "lr=0.05,seed=1", "lr=0.1,seed=0"]
+    assert [entry["name"] for entry in summary["configurations"]] == names
+    done, failed = summary["configurations"][:2], summary["configurations"][2]
+    assert [entry["state"] for entry in done] == ["Completed", "Completed"]
+    assert failed["state"] == "Failed" and failed["stages"]["train"] == "Failed"
+    assert failed["error"].startswith("train: FileExistsError") and blocker.name in failed["error"]
+    assert summary["best"]["name"] == max(done, key=lambda entry: entry["test_accuracy"])["name"]
+    assert_table_reports(summary, attempts=1 + train_task.retries)
+
+    trained = {entry["name"]: (Path(entry["train_dir"]) / "training.json").stat().st_mtime_ns for entry in done}
+    blocker.unlink()
+    assert main(args) == 0
+    rerun = read_summary(tmp_path, "sweep2")
+    assert [entry["state"] for entry in rerun["configurations"]] == ["Completed"] * 3
+    for entry in rerun["configurations"]:
+        fresh = "Completed" if entry["name"] == failed["name"] else "Cached"
+        expected = {"download": "Cached", "inspect": "Cached", "graph": "Cached", "train": fresh,
+                    "checkpoint": fresh, "evaluate": fresh, "report": "Completed"}
+        assert entry["stages"] == expected, entry["name"]
+    assert {name: (Path(entry["train_dir"]) / "training.json").stat().st_mtime_ns
+            for entry in rerun["configurations"] if (name := entry["name"]) in trained} == trained
+
+
+def assert_table_reports(summary: dict, attempts: int) -> None:
+    """The sweep's table artifact has a row per configuration with its state and cause; the failure was retried."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName,
+        TaskRunFilterState, TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep2-sweep"])),
+                                           sort=ArtifactSort.UPDATED_DESC, limit=1)
+        failed_trains = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[artifact.flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train"),
+                                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED]))),
+        )
+    rows = json.loads(artifact.data)
+    assert [(row["lr"], row["state"], row["error"]) for row in rows] == [
+        (entry["values"]["lr"], entry["state"], entry.get("error", "")) for entry in summary["configurations"]
+    ]
+    assert [run.run_count for run in failed_trains] == [attempts]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"lr": [0.01, 20]}, 'configuration {"lr": 20}: --lr'),
+    ({"data_dir": ["a", "b"]}, "data_dir cannot vary within a sweep"),
+])
+def test_bad_configuration_is_one_line_before_any_work(
+    grid: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--grid", json.dumps(grid), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
