@@ -33,7 +33,7 @@ from tasks.evaluate import evaluate_task
 from tasks.graph import graph_task
 from tasks.inspection import inspect_task
 from tasks.lock import experiment_lock
-from tasks.prefect_server import wait_for_temporary_server
+from tasks.prefect_server import temporary_server_settings
 from tasks.report import report_task
 from tasks.train import Hyperparameters, train_task
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_on_schedule(fashion, command.config.model_dump())
         return 0
-    wait_for_temporary_server()
-    result = fashion(**command.config.model_dump())
+    with temporary_server_settings():
+        result = fashion(**command.config.model_dump())
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

@@ -1,34 +1,93 @@
-"""Boot Prefect's temporary server in the background, so that it starts while the heavy imports run."""
+"""Prefect's temporary server for a command-line run, booted while the heavy imports run.
+
+Without PREFECT_API_URL a flow run makes Prefect start a temporary local server and wait seconds for
+it, after everything has been imported. `start_temporary_server()` starts the same server first thing,
+so that it boots on the other core while torch and Prefect import; `temporary_server_settings()` then
+points the run at it. Where PREFECT_API_URL is set, both do nothing and the configured server is used.
+"""
 
 from __future__ import annotations
 
-import threading
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 
-_starting: threading.Thread | None = None
+STARTUP_SECONDS = 60.0
+_server: subprocess.Popen | None = None
+_url: str | None = None
 
 
 def start_temporary_server() -> None:
-    """Without PREFECT_API_URL a flow run starts a temporary local server (several seconds); start it now.
-
-    Call `wait_for_temporary_server()` before running a flow.
-    """
-    global _starting
-    _starting = threading.Thread(target=_start, name="prefect-temporary-server", daemon=True)
-    _starting.start()
-
-
-def wait_for_temporary_server() -> None:
-    """Return once the server started by `start_temporary_server` answers (at once if none was started)."""
-    if _starting is not None:
-        _starting.join()
-
-
-def _start() -> None:
+    """Start Prefect's server in the background, as Prefect's own temporary-server mode does, unless one is configured."""
+    global _server, _url
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return  # a configured server: nothing to start
-    from prefect.server.api.server import SubprocessASGIServer
+        return
+    port = _free_port()
+    # The command and settings of Prefect's temporary server (prefect.server.api.server.SubprocessASGIServer):
+    # the API alone, no UI, background services off.
+    environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    _server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=environment, preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+    )
+    _url = f"http://127.0.0.1:{port}/api"
+    atexit.register(_stop)
 
-    # The same instance Prefect's client asks for; once started, the flow run reuses it.
-    SubprocessASGIServer().start()
+
+@contextlib.contextmanager
+def temporary_server_settings() -> Iterator[None]:
+    """Within this block, Prefect uses the server from `start_temporary_server()`, once it answers."""
+    if _server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    _wait_until_healthy()
+    with temporary_settings(updates={PREFECT_API_URL: _url}):
+        yield
+
+
+def _wait_until_healthy() -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if _server.poll() is not None:
+            raise RuntimeError(f"Prefect's temporary server exited with status {_server.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"{_url}/health", timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect's temporary server did not answer at {_url} within {STARTUP_SECONDS:.0f} s") from None
+            time.sleep(0.05)
+
+
+def _stop() -> None:
+    if _server is not None and _server.poll() is None:
+        _server.terminate()
+        try:
+            _server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _server.kill()
+
+
+def _stop_with_parent() -> None:
+    """In the server process: get SIGTERM when the run's process dies, even by SIGKILL, so no server is orphaned."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

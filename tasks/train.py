@@ -6,7 +6,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ class TrainingLoop:
         progress = StepProgress("train", total=self.hp.epochs * self.batches_per_epoch, done=self.global_step)
         figure = PredictionsFigure(CLASSES)
         self.model.train()
-        with closing(progress), torch.backends.mkldnn.flags(enabled=self.hp.batch_size >= ONEDNN_MIN_BATCH):
+        with closing(progress), onednn(enabled=self.hp.batch_size >= ONEDNN_MIN_BATCH):
             while self.epoch < self.hp.epochs:
                 permutation = self.order.next_epoch().to(self.device)
                 for batch in range(self.batches_done, self.batches_per_epoch):
@@ -218,6 +219,17 @@ class TrainingLoop:
         # Events first: every point up to this step must be on disk before a resume may start here.
         writer.flush()
         store.save(self.state_dict())
+
+
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """Use oneDNN's CPU kernels, or PyTorch's own, within the block."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def _optimizer(net: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
