@@ -125,7 +125,7 @@ class TrainingLoop:
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
         self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = _optimizer(self.model, hyperparameters)
+        self.optimizer = _optimizer(self.model, hyperparameters, self.device)
         self.scheduler = _scheduler(self.optimizer, hyperparameters, self.batches_per_epoch)
         self.order = batches.SeededOrder(size, hyperparameters.seed)
         self.epoch = self.batches_done = self.global_step = 0
@@ -232,10 +232,13 @@ def onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-def _optimizer(net: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+def _optimizer(net: nn.Module, hp: Hyperparameters, device: torch.device) -> torch.optim.Optimizer:
+    # Fused: one kernel updates every parameter, instead of a few small ops per parameter tensor
+    # (about 8% of a batch-4 step on the CPU).
+    fused = device.type in ("cpu", "cuda")
     if hp.optimizer == "adam":
-        return torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.momentum, 0.999))
-    return torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum)
+        return torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.momentum, 0.999), fused=fused)
+    return torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, fused=fused)
 
 
 def _scheduler(
