@@ -53,7 +53,7 @@ class Stages:
         return state.result()  # raises the stage's error, failing the flow run
 
 
-@flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=5, persist_result=True)
+@flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=5)
 @documented_parameters
 def fashion(
     experiment: Experiment = DEFAULTS.experiment,

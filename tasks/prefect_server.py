@@ -47,14 +47,18 @@ def start_temporary_server() -> None:
 
 @contextlib.contextmanager
 def temporary_server_settings() -> Iterator[None]:
-    """Within this block, Prefect uses the server from `start_temporary_server()`, once it answers."""
+    """Within this block, Prefect uses the server from `start_temporary_server()`, once it answers.
+
+    Flow-run heartbeats are off there: they serve a server's crashed-run detection, which a temporary
+    server does not run, and stopping their thread costs up to a second at the end of every run.
+    """
     if _server is None:
         yield
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     _wait_until_healthy()
-    with temporary_settings(updates={PREFECT_API_URL: _url}):
+    with temporary_settings(updates={PREFECT_API_URL: _url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 
