@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,7 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     net = model.build_model(exported["model_args"])
     net.load_state_dict(exported["model"])
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(batches.cpu_threads(EVAL_BATCH))
     chunks = images.split(EVAL_BATCH)
     progress = StepProgress("evaluate", total=len(chunks))
     probabilities = []

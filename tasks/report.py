@@ -14,6 +14,7 @@ from prefect.context import TaskRunContext
 from torch.utils.tensorboard.summary import hparams
 
 from tasks.config import RunConfig
+from tasks.data import CLASSES
 from tasks.events import replacing_writer
 from tasks.files import atomic_write, atomic_write_json
 
@@ -61,9 +62,9 @@ def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics:
 def publish_artifacts(config: RunConfig, result: dict[str, Any]) -> None:
     """A markdown summary and a per-class table, keyed by experiment so the UI keeps their history."""
     key = re.sub(r"[^a-z0-9-]+", "-", config.experiment.lower()).strip("-")
-    classes = result["per_class_ap"]
     rows = [{"class": name, "precision": round(result["per_class_precision"][name], 4),
-             "recall": round(result["per_class_recall"][name], 4), "ap": round(classes[name], 4)} for name in classes]
+             "recall": round(result["per_class_recall"][name], 4), "ap": round(result["per_class_ap"][name], 4)}
+            for name in CLASSES]
     create_table_artifact(rows, key=f"{key}-per-class", description="Per-class precision, recall and AP on the test set")
     create_markdown_artifact(summary_markdown(result), key=f"{key}-summary", description="Fashion-MNIST run summary")
 
@@ -75,7 +76,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"**Test accuracy: {result['test_accuracy']:.4f}**, mean AP {result['mean_ap']:.4f}, on {result['device']}",
         "",
         "| class | AP |", "|---|---|",
-        *(f"| {name} | {ap:.4f} |" for name, ap in result["per_class_ap"].items()),
+        *(f"| {name} | {result['per_class_ap'][name]:.4f} |" for name in CLASSES),
         "",
         "| parameter | value |", "|---|---|",
         *(f"| {name} | {value} |" for name, value in result["parameters"].items()),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -27,9 +26,9 @@ from tasks.log import stage_logger
 from tasks.progress import StepProgress
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
-# Batches this small are bound by per-op overhead, where one thread and PyTorch's own convolutions beat
-# oneDNN's (measured on 2 cores at batch 4: 0.56 against 1.16 ms a step).
-SMALL_BATCH, ONEDNN_MIN_BATCH = 16, 9
+# Batches this small are bound by per-op overhead, where PyTorch's own convolutions beat oneDNN's
+# (measured on 2 cores at batch 4: 0.56 against 1.16 ms a step).
+ONEDNN_MIN_BATCH = 9
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class TrainingLoop:
         self.hp = hyperparameters
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(1 if hyperparameters.batch_size <= SMALL_BATCH else os.cpu_count() or 1)
+            torch.set_num_threads(batches.cpu_threads(hyperparameters.batch_size))
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
         self.criterion = nn.CrossEntropyLoss()

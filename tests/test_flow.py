@@ -50,3 +50,22 @@ def test_outputs_are_pictures_people_can_open(finished_run: tuple[Path, dict]) -
     run_dir, result = finished_run
     for picture in (run_dir / "summary.png", Path(result["train_dir"]) / "confusion_matrix.png"):
         assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prefect_artifacts_summarise_the_run(finished_run: tuple[Path, dict]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
+
+    _, result = finished_run
+    with get_client(sync_client=True) as client:
+        def artifacts(**filter_fields: object) -> list:
+            return client.read_artifacts(artifact_filter=ArtifactFilter(**filter_fields))
+
+        [summary] = artifacts(key=ArtifactFilterKey(any_=["tiny-summary"]))
+        [table] = artifacts(key=ArtifactFilterKey(any_=["tiny-per-class"]))
+        progress = artifacts(type=ArtifactFilterType(any_=["progress"]))
+    assert f"{result['test_accuracy']:.4f}" in summary.data and "tensorboard --logdir" in summary.data
+    assert "| train | Completed |" in summary.data  # which stages ran and which came from cache
+    rows = json.loads(table.data)
+    assert [row["class"] for row in rows] == list(CLASSES) and {"precision", "recall", "ap"} <= set(rows[0])
+    assert any(artifact.data == 100.0 for artifact in progress)  # training's progress reached the end
