@@ -1,0 +1,59 @@
+"""`python flows/fashion.py` as a user runs it: no PREFECT_API_URL, so the run starts its own temporary server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import FLOW_SCRIPT, tiny_args
+
+SERVER_MARK = "prefect.server.api.server:create_app"
+
+
+def temporary_servers(parent: int) -> list[psutil.Process]:
+    """Prefect temporary servers started by process `parent`."""
+    try:
+        return [child for child in psutil.Process(parent).children() if SERVER_MARK in " ".join(child.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture
+def user_environment(synthetic_mirror: Path) -> dict[str, str]:
+    """The test's environment without PREFECT_API_URL, as on a machine with no Prefect server configured."""
+    return {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+
+
+def test_run_with_its_own_temporary_server(user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
+                          cwd=tmp_path, env=user_environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-3].startswith("Test accuracy: ")
+    assert lines[-2] == "Run directory: runs/fashion_mnist_experiment_1"
+    assert lines[-1] == "Open TensorBoard: tensorboard --logdir runs/fashion_mnist_experiment_1"
+    assert (tmp_path / "runs" / "fashion_mnist_experiment_1" / "metrics.json").is_file()
+
+
+def test_killed_run_leaves_no_server_behind(user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
+                               cwd=tmp_path, env=user_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := temporary_servers(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, "no temporary server appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        _, alive = psutil.wait_procs(servers, timeout=15)
+        assert not alive, "the temporary server outlived the run that started it"
+    finally:
+        if process.poll() is None:
+            process.kill()
