@@ -171,7 +171,7 @@ def measure_script(name: str, script: str, args: list[str], env: dict[str, str],
 
 
 def run_all(args: argparse.Namespace, work: Path) -> dict[str, Measurement]:
-    """The four runs, one after another, each announced as it ends."""
+    """The five runs, one after another, each announced as it ends."""
     logs, runs = work / "logs", work / "runs"
     logs.mkdir()
     env = run_env(work / "prefect-home")

@@ -36,7 +36,7 @@ from torchvision import transforms  # noqa: E402
 
 from tasks.model import Net  # the tutorial's network, layer for layer  # noqa: E402
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Shirt", "Sandal", "Sneaker", "Bag", "Ankle Boot")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
 BATCH_SIZE, EPOCHS, LOG_EVERY, EMBEDDING_SIZE = 4, 1, 1000, 100
 # The tutorial's loaders use num_workers=2. On 2 cores the two worker processes compete with the training
 # process (itself 2 threads) and add a pickle-and-queue round trip per 4-image batch. Measured on an idle

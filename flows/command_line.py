@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
 from tasks.config import ConfigError, RunConfig, parse_config
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         if name == "refresh":
-            parser.add_argument(flag, nargs="?", const="all", type=lambda text: text.split(","), metavar="STAGES",
+            parser.add_argument(flag, nargs="?", const="all", metavar="STAGES",
+                                type=lambda text: [stage.strip() for stage in text.split(",") if stage.strip()],
                                 help=f"{field.description} Alone: all stages.")
         else:
             choices = get_args(field.annotation) if name in ("optimizer", "schedule") else None
@@ -57,7 +58,7 @@ def parse_command_line(argv: list[str]) -> Command:
         fail(error)
 
 
-def fail(error: ConfigError) -> None:
+def fail(error: ConfigError) -> NoReturn:
     """Print a parameter error as one line and exit with status 2, as argparse does."""
     print(f"fashion.py: error: {error}", file=sys.stderr)
     raise SystemExit(2)

@@ -20,6 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from prefect import Task, flow
+from prefect.runtime import flow_run
 
 from flows.command_line import fail, parse_command_line
 from tasks.checkpoint import checkpoint_task
@@ -28,16 +29,16 @@ from tasks.config import (
     Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
     resolve_device,
 )
-from tasks.data import download_task
+from tasks.data import DatasetChecksumError, DatasetDownloadError, download_task
 from tasks.evaluate import evaluate_task
 from tasks.graph import graph_task
 from tasks.inspection import inspect_task
-from tasks.lock import experiment_lock
+from tasks.lock import ExperimentBusyError, experiment_lock
 from tasks.prefect_server import temporary_server_settings
 from tasks.report import report_task
 from tasks.train import Hyperparameters, train_task
 
-DEFAULTS = RunConfig()
+DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
 
 
 class Stages:
@@ -48,7 +49,9 @@ class Stages:
         self.states: dict[str, str] = {}
 
     def __call__(self, stage: Task, **inputs: Any) -> Any:
-        state = stage(**inputs, refresh=stage.name in self.refresh, return_state=True)
+        # A retried flow run resumes: what its first attempt refreshed is not thrown away again.
+        refresh = stage.name in self.refresh and flow_run.run_count <= 1
+        state = stage(**inputs, refresh=refresh, return_state=True)
         self.states[stage.name] = state.name
         return state.result()  # raises the stage's error, failing the flow run
 
@@ -103,12 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         fail(error)
     if command.serve:
+        from prefect.settings import PREFECT_API_URL
+
         from flows.schedule import serve_on_schedule
 
+        if not PREFECT_API_URL.value():
+            fail(ConfigError("--serve needs a Prefect server to schedule on: start one (prefect server start) "
+                             "and set PREFECT_API_URL"))
         serve_on_schedule(fashion, command.config.model_dump())
         return 0
-    with temporary_server_settings():
-        result = fashion(**command.config.model_dump())
+    try:
+        # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
+        with experiment_lock(command.config.run_dir), temporary_server_settings():
+            result = fashion(**command.config.model_dump())
+    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError) as error:
+        print(f"fashion.py: error: {error}", file=sys.stderr)
+        return 1
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

@@ -32,7 +32,7 @@ def deployment_schedule(name: str = DEPLOYMENT, prefect_file: Path = PREFECT_FIL
     schedules = deployment_spec(name, prefect_file)["schedules"]
     if len(schedules) != 1 or "cron" not in schedules[0]:
         raise LookupError(f"deployment {name!r} in {prefect_file} should have exactly one cron schedule")
-    return Cron(schedules[0]["cron"], timezone=schedules[0]["timezone"])
+    return Cron(schedules[0]["cron"], timezone=schedules[0].get("timezone"))
 
 
 def serve_on_schedule(flow: Flow, parameters: dict[str, Any]) -> None:

@@ -47,7 +47,8 @@ def cpu_threads(batch_size: int) -> int:
     """
     if batch_size <= 16:
         return 1
-    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("OMP_NUM_THREADS") or usable)
 
 
 def batch_count(size: int, batch_size: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.runtime import task_run
 
 from tasks.files import digest_json, read_manifest, sha256_file
 
@@ -101,4 +103,19 @@ def stage_task(
         options: further `@task` options (retries, retry_condition_fn, ...).
     """
     policy = StageCache(stage=name, code=source_digest(*code), output=output, ignore=ignore)
-    return task(fn, name=name, cache_policy=policy, persist_result=True, **options)
+    return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True, **options)
+
+
+def _refresh_first_attempt_only(fn: Callable[..., Path]) -> Callable[..., Path]:
+    """`fn` with `refresh` honoured on the task run's first attempt only: a retry resumes what it started."""
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def attempt(*args: Any, **kwargs: Any) -> Path:
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        call.arguments["refresh"] = call.arguments["refresh"] and task_run.run_count <= 1
+        return fn(*call.args, **call.kwargs)
+
+    return attempt

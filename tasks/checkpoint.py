@@ -17,7 +17,7 @@ from tasks.log import stage_logger
 # a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
 CHECKPOINT_KEYS = frozenset({
     "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
-    "global_step", "order", "rng", "running_loss", "complete",
+    "global_step", "order", "rng", "running_loss",
 })
 
 

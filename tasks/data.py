@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from prefect import Task
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from tasks.caching import StageOutput, stage_task
@@ -41,9 +43,15 @@ def expected_files() -> dict[str, str]:
     """The four `.gz` files and their md5: torchvision's official list, or the JSON file named by
     env FASHION_MNIST_CHECKSUMS (for Fashion-MNIST-format data other than the official files)."""
     override = os.environ.get(CHECKSUMS_ENV)
-    if override:
-        return json.loads(Path(override).read_text())
-    return dict(OFFICIAL_FILES)
+    if not override:
+        return dict(OFFICIAL_FILES)
+    try:
+        files = json.loads(Path(override).read_text())
+    except (OSError, ValueError) as error:
+        raise DatasetChecksumError(f"{CHECKSUMS_ENV}={override}: cannot read a JSON object of file -> md5 ({error})") from None
+    if set(files) != set(OFFICIAL_FILES):
+        raise DatasetChecksumError(f"{CHECKSUMS_ENV}={override}: expected md5 for {', '.join(OFFICIAL_FILES)}")
+    return files
 
 
 def dataset_output(data_dir: str, **_: object) -> StageOutput:
@@ -148,14 +156,14 @@ def load_split(dataset_manifest: Path, split: str) -> tuple[torch.Tensor, torch.
     return tensors[f"{split}_images"], tensors[f"{split}_labels"]
 
 
-def _retry_unless_checksum(task: object, task_run: object, state: object) -> bool:
-    """Retry network failures; an md5 mismatch fails at once."""
+def _retry_download_errors(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry what a retry can mend (the network, the mirror); an md5 mismatch or a bad setting fails at once."""
     try:
-        state.result()  # type: ignore[attr-defined]
-    except DatasetChecksumError:
-        return False
-    except Exception:
+        state.result()
+    except DatasetDownloadError:
         return True
+    except Exception:
+        return False
     return False
 
 
@@ -167,5 +175,5 @@ download_task = stage_task(
     ignore=("mirror",),  # every source is md5-checked against the same list
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_unless_checksum,
+    retry_condition_fn=_retry_download_errors,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from tasks import batches, model
+from tasks import batches, figures, model
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.checkpoint import load_model_file
 from tasks.data import CLASSES, fingerprint, load_split
@@ -26,6 +27,7 @@ CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
 
 
 def evaluation_output(model_file: Path, dataset: Path, **_: object) -> StageOutput:
+    """The evaluation manifest beside the model, and the digest of the model, data and code it must match."""
     inputs = digest_json([sha256_file(Path(model_file)), fingerprint(dataset), EVALUATION_CODE])
     return Path(model_file).parent / "evaluation.json", {"inputs": inputs}
 
@@ -79,18 +81,17 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
     torch.set_num_threads(batches.cpu_threads(EVAL_BATCH))
     chunks = images.split(EVAL_BATCH)
-    progress = StepProgress("evaluate", total=len(chunks))
     probabilities = []
-    with torch.no_grad():
+    with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
         for chunk in chunks:
             probabilities.append(torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1))  # (B, C)
             progress.advance()
-    progress.close()
     return torch.cat(probabilities)
 
 
 def score(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Accuracy, per-class AP, accuracy, precision and recall, and the confusion matrix."""
+    """Test accuracy; per class AP, precision and recall (per-class accuracy is the recall, under the name
+    people look for); the confusion matrix (true class by row)."""
     predicted = probabilities.argmax(dim=1)
     classes = probabilities.shape[1]
     confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
@@ -129,5 +130,6 @@ def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
     return float((precision_at_rank * hits).sum() / hits.sum().clamp(min=1))
 
 
-EVALUATION_CODE = source_digest(model, batches, sys.modules[__name__])
-evaluate_task = stage_task(evaluate, name="evaluate", output=evaluation_output, code=(model, batches, sys.modules[__name__]))
+EVALUATION_MODULES = (model, batches, figures, sys.modules[__name__])  # what decides its metrics and pictures
+EVALUATION_CODE = source_digest(*EVALUATION_MODULES)
+evaluate_task = stage_task(evaluate, name="evaluate", output=evaluation_output, code=EVALUATION_MODULES)

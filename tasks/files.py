@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _file_digest(path: Path, algorithm: str) -> str:
     digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
@@ -42,6 +46,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()

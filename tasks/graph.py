@@ -15,6 +15,7 @@ from tasks.files import read_manifest, write_manifest
 
 
 def graph_output(run_dir: str, **_: object) -> StageOutput:
+    """The graph manifest in the run directory, and the model code it must have been traced from."""
     return Path(run_dir) / "graph.json", {"code": GRAPH_CODE}
 
 

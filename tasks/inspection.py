@@ -17,6 +17,7 @@ EMBEDDING_SIZE = 100
 
 
 def inspection_output(dataset: Path, run_dir: str, seed: int, **_: object) -> StageOutput:
+    """The inspection manifest in the run directory, and the digest of the data, seed and code it must match."""
     return Path(run_dir) / "inspect.json", {"inputs": digest_json([fingerprint(dataset), seed, INSPECTION_CODE])}
 
 

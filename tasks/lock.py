@@ -13,12 +13,23 @@ class ExperimentBusyError(RuntimeError):
     """Another run holds the experiment's lock."""
 
 
+_held: set[Path] = set()  # run directories this process has locked: taking one again is a no-op
+
+
 @contextmanager
 def experiment_lock(run_dir: Path) -> Iterator[None]:
     """Hold `<run_dir>/.lock` for the duration; refuse at once if another process holds it.
 
-    The operating system drops the lock when its holder exits, even on SIGKILL, so no stale lock survives.
+    The operating system drops the lock when its holder exits, even on SIGKILL, so no stale lock
+    survives. Within one process the lock nests (the command line and the flow both take it).
+
+    Args:
+        run_dir: the experiment's run directory (created if missing).
     """
+    key = Path(run_dir).resolve()
+    if key in _held:
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "a+") as handle:
         try:
@@ -33,7 +44,9 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        _held.add(key)
         try:
             yield
         finally:
+            _held.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)

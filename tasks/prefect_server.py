@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 
 STARTUP_SECONDS = 60.0
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _server: subprocess.Popen | None = None
 _url: str | None = None
 
@@ -68,7 +69,7 @@ def _wait_until_healthy() -> None:
         if _server.poll() is not None:
             raise RuntimeError(f"Prefect's temporary server exited with status {_server.returncode} while starting")
         try:
-            with urllib.request.urlopen(f"{_url}/health", timeout=1):
+            with _DIRECT.open(f"{_url}/health", timeout=1):
                 return
         except OSError:
             if time.monotonic() > deadline:

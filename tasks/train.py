@@ -57,6 +57,7 @@ def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, 
 
 
 def training_output(**inputs: Any) -> StageOutput:
+    """The training manifest in its keyed folder; the folder's key already covers every input."""
     return training_dir(**inputs) / "training.json", {}
 
 
@@ -106,7 +107,7 @@ def train(
         loop.run(images, labels, writer, store, log_every, checkpoint_every)
     finally:
         writer.close()
-    final = store.save(loop.state_dict(complete=True))
+    final = store.paths()[-1]  # written at the last epoch's end: the finished training
     return write_manifest(
         manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,
         hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
@@ -131,7 +132,7 @@ class TrainingLoop:
         self.order_state = self.order.state()
         self.running_loss = torch.zeros((), device=self.device)
 
-    def state_dict(self, complete: bool = False) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -142,9 +143,8 @@ class TrainingLoop:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "order": self.order_state,
-            "rng": rng.capture(),
+            "rng": rng.capture(self.device),
             "running_loss": self.running_loss.cpu(),
-            "complete": complete,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -155,7 +155,7 @@ class TrainingLoop:
         self.epoch, self.batches_done, self.global_step = state["epoch"], state["batches_done"], state["global_step"]
         self.order_state = state["order"]
         self.order.restore(self.order_state)
-        rng.restore(state["rng"])
+        rng.restore(state["rng"], self.device)
         self.running_loss = state["running_loss"].to(self.device)
 
     def run(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tasks.lock import ExperimentBusyError, experiment_lock
+from tasks.lock import ExperimentBusyError
 from tests.conftest import TINY, final_weights, run_tiny_flow, same_weights
 
 UPSTREAM = ("download", "inspect", "graph")
@@ -99,8 +101,16 @@ def test_refresh_named_stage(first_run: tuple[Path, dict, float], synthetic_mirr
 def test_second_run_on_a_busy_experiment_is_refused(first_run: tuple[Path, dict, float], synthetic_mirror: Path) -> None:
     root, _, _ = first_run
     metrics_before = (root / "runs" / "tiny" / "metrics.json").read_text()
-    with experiment_lock(root / "runs" / "tiny"):
-        with pytest.raises(ExperimentBusyError, match="in use by another run"):
+    holder = subprocess.Popen(  # another process running this experiment
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tasks.lock import experiment_lock\n"
+         "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)",
+         str(root / "runs" / "tiny")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ExperimentBusyError, match=f"in use by another run \\(pid {holder.pid}\\)"):
             run_tiny_flow(root, synthetic_mirror, lr=0.03)
+    finally:
+        holder.kill()
+        holder.wait()
     assert (root / "runs" / "tiny" / "metrics.json").read_text() == metrics_before
     assert json.loads(metrics_before)["parameters"]["lr"] == TINY["lr"]

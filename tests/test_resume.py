@@ -104,3 +104,22 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     resumed = torch.load(train_dir / "model.pt", weights_only=True)["model"]
     assert same_weights(resumed, final_weights(reference))
     assert loss_steps(train_dir) == expected_loss_steps(4000, settings)
+
+
+def test_refreshed_training_that_fails_resumes_on_retry(
+    uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # --refresh train discards the old checkpoints once; the retry after a fault must not discard the new ones.
+    monkeypatch.setenv("FASHION_FAULT", "train:25")
+    result = run_tiny_flow(tmp_path / "reference", synthetic_mirror, refresh=["train"])
+    assert "(step 15)" in caplog.text
+    assert same_weights(final_weights(result), final_weights(uninterrupted))
+
+
+def test_last_partial_batch_and_a_figure_of_fewer_images(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) -> None:
+    # 160 images in batches of 3: 53 full batches and one of a single image, logged at step 54.
+    result = run_tiny_flow(tmp_path, synthetic_mirror, batch_size=3, epochs=1, log_every=27, checkpoint_every=20,
+                           optimizer="adam", schedule="onecycle", lr=0.005)
+    runs = load_runs(Path(result["train_dir"]).parent)
+    assert scalar_steps(runs, training_run(runs), "training loss") == [27, 54]
+    assert [event.step for event in runs.Images(training_run(runs), "predictions vs. actuals")] == [27, 54]
