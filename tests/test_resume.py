@@ -110,7 +110,7 @@ def test_refreshed_training_that_fails_resumes_on_retry(
     uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # --refresh train discards the old checkpoints once; the retry after a fault must not discard the new ones.
-    monkeypatch.setenv("FASHION_FAULT", "train:25")
+    monkeypatch.setenv("FASHION_FAULT", "train:26")  # a point no other test uses: each fires once per process
     result = run_tiny_flow(tmp_path / "reference", synthetic_mirror, refresh=["train"])
     assert "(step 15)" in caplog.text
     assert same_weights(final_weights(result), final_weights(uninterrupted))
