@@ -16,7 +16,6 @@ if __name__ == "__main__":
     if not parse_command_line(sys.argv[1:]).serve:
         start_temporary_server()
 
-from dataclasses import fields
 from typing import Any
 
 from prefect import Task, flow
@@ -85,17 +84,12 @@ def fashion(
         stage(inspect_task, dataset=dataset, run_dir=run_dir, seed=config.seed)
         stage(graph_task, run_dir=run_dir)
         training = stage(
-            train_task, dataset=dataset, run_dir=run_dir, hyperparameters=hyperparameters(config),
+            train_task, dataset=dataset, run_dir=run_dir, hyperparameters=Hyperparameters.of(config),
             device=resolved_device, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         )
         model_file = stage(checkpoint_task, training=training)
         evaluation = stage(evaluate_task, model_file=model_file, dataset=dataset)
         return report_task(config, resolved_device, evaluation, stage.states)
-
-
-def hyperparameters(config: RunConfig) -> Hyperparameters:
-    """The weights-deciding subset of the parameters."""
-    return Hyperparameters(**{field.name: getattr(config, field.name) for field in fields(Hyperparameters)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ DEPLOYMENT = "nightly"
 
 def deployment_spec(name: str = DEPLOYMENT, prefect_file: Path = PREFECT_FILE) -> dict[str, Any]:
     """The deployment called `name` in `prefect_file`, as written there."""
+    if not prefect_file.is_file():
+        raise FileNotFoundError(f"{prefect_file} not found: install the project from its clone (pip install -e .)")
     deployments = yaml.safe_load(prefect_file.read_text())["deployments"]
     matches = [spec for spec in deployments if spec["name"] == name]
     if len(matches) != 1:

@@ -25,7 +25,6 @@ from prefect_dask import DaskTaskRunner
 
 from flows.command_line import PRESETS
 from flows.command_line import build_parser as run_options
-from flows.fashion import hyperparameters
 from tasks.checkpoint import checkpoint_task
 from tasks.config import ConfigError, RunConfig, parse_config, resolve_device
 from tasks.data import download_task
@@ -35,7 +34,7 @@ from tasks.graph import graph_task
 from tasks.inspection import inspect_task
 from tasks.lock import experiment_lock
 from tasks.report import report_task
-from tasks.train import train_task
+from tasks.train import Hyperparameters, train_task
 
 # What one configuration may set; the rest (folders, data source, refresh) is the sweep's and shared.
 VARIABLE = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "log_every", "checkpoint_every",
@@ -216,7 +215,7 @@ def submit_stages(trial: Trial, dataset: PrefectFuture, refresh: set[str]) -> di
                                            refresh="inspect" in refresh)
     chain["graph"] = graph_task.submit(run_dir=run_dir, refresh="graph" in refresh)
     chain["train"] = train_task.submit(
-        dataset=dataset, run_dir=run_dir, hyperparameters=hyperparameters(config), device=trial.device,
+        dataset=dataset, run_dir=run_dir, hyperparameters=Hyperparameters.of(config), device=trial.device,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, refresh="train" in refresh,
     )
     chain["checkpoint"] = checkpoint_task.submit(training=chain["train"], refresh="checkpoint" in refresh)

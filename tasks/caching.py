@@ -87,7 +87,7 @@ def stage_task(
     *,
     name: str,
     output: Callable[..., StageOutput],
-    code: tuple[ModuleType, ...],
+    code: str,
     ignore: tuple[str, ...] = (),
     **options: Any,
 ) -> Task:
@@ -98,11 +98,11 @@ def stage_task(
         name: the stage's name, as `--refresh` and the Prefect UI show it.
         output: from the same arguments, without running the stage: that manifest's path and the
             facts it must record (see StageCache).
-        code: the modules whose code decides the output.
+        code: `source_digest` of the modules whose code decides the output.
         ignore: inputs that cannot change the output (left out of the key).
         options: further `@task` options (retries, retry_condition_fn, ...).
     """
-    policy = StageCache(stage=name, code=source_digest(*code), output=output, ignore=ignore)
+    policy = StageCache(stage=name, code=code, output=output, ignore=ignore)
     return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True, **options)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tasks.caching import StageOutput, stage_task
+from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.files import atomic_write, read_manifest, sha256_file, write_manifest
 from tasks.log import stage_logger
 
@@ -89,4 +89,4 @@ def load_model_file(model_manifest: Path) -> dict[str, Any]:
     return torch.load(Path(model_manifest).parent / facts["model"], map_location="cpu", weights_only=True)
 
 
-checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=(sys.modules[__name__],))
+checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=source_digest(sys.modules[__name__]))

@@ -14,7 +14,7 @@ from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
-from tasks.caching import StageOutput, stage_task
+from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.files import atomic_write, digest_json, md5_file, read_manifest, write_manifest
 
 # torchvision's FashionMNIST.classes and .resources (a test checks that they agree), written out so
@@ -171,7 +171,7 @@ download_task = stage_task(
     download,
     name="download",
     output=dataset_output,
-    code=(sys.modules[__name__],),
+    code=source_digest(sys.modules[__name__]),
     ignore=("mirror",),  # every source is md5-checked against the same list
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),

@@ -56,22 +56,39 @@ def evaluate(model_file: Path, dataset: Path, refresh: bool = False) -> Path:
     metrics["global_step"] = exported["global_step"]
 
     out = manifest_path.parent
+    pictures = publish_pictures(out, metrics, probabilities, labels)
+    metrics_path = atomic_write_json(out / "metrics.json", metrics)
+    return write_manifest(manifest_path, [metrics_path, *pictures, *event_files(out, "evaluate")], **facts)
+
+
+def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Tensor, labels: torch.Tensor) -> list[Path]:
+    """Log the PR curves and figures to TensorBoard; save the confusion matrix, per-class accuracy and summary as PNGs.
+
+    Args:
+        out: the training's folder (its TensorBoard run).
+        metrics: what `score` returned, with the training's `global_step`.
+        probabilities: (N, C) test-set class probabilities.
+        labels: (N,) true classes.
+
+    Returns:
+        The PNG files written.
+    """
+    step = metrics["global_step"]
     confusion = np.array(metrics["confusion_matrix"])
-    figures = {CONFUSION_TAG: confusion_figure(confusion, CLASSES),
-               CLASS_ACCURACY_TAG: per_class_accuracy_figure(metrics["per_class_accuracy"])}
+    by_tag = {CONFUSION_TAG: confusion_figure(confusion, CLASSES),
+              CLASS_ACCURACY_TAG: per_class_accuracy_figure(metrics["per_class_accuracy"])}
     curves = {name: tuple(curve.numpy() for curve in precision_recall(probabilities[:, index], labels == index))
               for index, name in enumerate(CLASSES)}
     summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
                              f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
-    pictures = [save_png(figure, out / f"{tag.replace(' ', '_')}.png") for tag, figure in figures.items()]
+    pictures = [save_png(figure, out / f"{tag.replace(' ', '_')}.png") for tag, figure in by_tag.items()]
     pictures.append(save_png(summary, out / "summary.png"))
     with replacing_writer(out, "evaluate") as writer:
         for index, name in enumerate(CLASSES):
-            writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=exported["global_step"])
-        for tag, figure in figures.items():
-            writer.add_figure(tag, figure, global_step=exported["global_step"])
-    metrics_path = atomic_write_json(out / "metrics.json", metrics)
-    return write_manifest(manifest_path, [metrics_path, *pictures, *event_files(out, "evaluate")], **facts)
+            writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=step)
+        for tag, figure in by_tag.items():
+            writer.add_figure(tag, figure, global_step=step)
+    return pictures
 
 
 def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
@@ -130,6 +147,5 @@ def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
     return float((precision_at_rank * hits).sum() / hits.sum().clamp(min=1))
 
 
-EVALUATION_MODULES = (model, batches, figures, sys.modules[__name__])  # what decides its metrics and pictures
-EVALUATION_CODE = source_digest(*EVALUATION_MODULES)
-evaluate_task = stage_task(evaluate, name="evaluate", output=evaluation_output, code=EVALUATION_MODULES)
+EVALUATION_CODE = source_digest(model, batches, figures, sys.modules[__name__])  # decides metrics and pictures
+evaluate_task = stage_task(evaluate, name="evaluate", output=evaluation_output, code=EVALUATION_CODE)

@@ -42,4 +42,4 @@ def log_graph(run_dir: str, refresh: bool = False) -> Path:
 
 
 GRAPH_CODE = source_digest(model, sys.modules[__name__])
-graph_task = stage_task(log_graph, name="graph", output=graph_output, code=(model, sys.modules[__name__]))
+graph_task = stage_task(log_graph, name="graph", output=graph_output, code=GRAPH_CODE)

@@ -57,4 +57,4 @@ def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = Fals
 
 
 INSPECTION_CODE = source_digest(sys.modules[__name__])
-inspect_task = stage_task(inspect_dataset, name="inspect", output=inspection_output, code=(sys.modules[__name__],))
+inspect_task = stage_task(inspect_dataset, name="inspect", output=inspection_output, code=INSPECTION_CODE)

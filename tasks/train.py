@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tasks import batches, model, rng
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.checkpoint import CheckpointStore
+from tasks.config import RunConfig
 from tasks.data import CLASSES, fingerprint, load_split
 from tasks.faults import fault_point
 from tasks.figures import PredictionsFigure
@@ -42,6 +43,11 @@ class Hyperparameters:
     optimizer: str
     schedule: str
     seed: int
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Hyperparameters:
+        """The weights-deciding subset of a run's parameters."""
+        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
 
 
 def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, device: str, **_: object) -> Path:
@@ -253,7 +259,7 @@ train_task = stage_task(
     train,
     name="train",
     output=training_output,
-    code=(model, batches, sys.modules[__name__]),
+    code=TRAINING_CODE,
     ignore=("log_every", "checkpoint_every"),  # they change what is logged and saved, never the weights
     retries=2,  # a retry resumes from the newest checkpoint, so it costs minutes, not the run
 )
