@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.fashion import hyperparameters
 from flows.sweep import main, plan
 from tasks.data import download
-from tasks.train import train_task, training_dir
+from tasks.train import Hyperparameters, train_task, training_dir
 from tests.conftest import TINY, final_weights, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
 
@@ -94,7 +93,7 @@ def test_failing_configuration_is_reported_and_rerun_trains_only_it(
     base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_folder)}
     failing = plan("sweep2", base, configurations=configurations)[2]
     dataset = download(base["data_dir"], mirror=base["mirror"])
-    blocker = training_dir(dataset, str(failing.config.run_dir), hyperparameters(failing.config), failing.device)
+    blocker = training_dir(dataset, str(failing.config.run_dir), Hyperparameters.of(failing.config), failing.device)
     blocker.parent.mkdir(parents=True)
     blocker.write_text("in the way")
 
