@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
+
+from tasks.prefect_server import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -47,13 +48,6 @@ RUN_TABS = {"scalars", "images", "graphs", "text", "pr_curves", "hparams", "proj
 T = TypeVar("T")
 # Loopback only: never through a proxy that the environment may name.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fetch_json(url: str, body: dict[str, Any] | None = None) -> Any:

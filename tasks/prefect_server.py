@@ -33,7 +33,7 @@ def start_temporary_server() -> None:
 
     if PREFECT_API_URL.value():
         return
-    port = _free_port()
+    port = free_port()
     # The command and settings of Prefect's temporary server (prefect.server.api.server.SubprocessASGIServer):
     # the API alone, no UI, background services off.
     environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -92,7 +92,8 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

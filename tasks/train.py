@@ -228,7 +228,11 @@ class TrainingLoop:
 
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
-    """Use oneDNN's CPU kernels, or PyTorch's own, within the block."""
+    """Use oneDNN's CPU kernels, or PyTorch's own, within the block.
+
+    torch.backends.mkldnn.flags() does the same but also sets oneDNN's TF32 flag, which warns on every
+    CPU-only build; this touches the one setting needed.
+    """
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = enabled
     try:

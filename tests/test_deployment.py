@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.schedule import DEPLOYMENT, deployment_schedule, deployment_spec
 from tasks.config import STAGES
+from tasks.prefect_server import free_port
 from tests.conftest import FLOW_SCRIPT, REPO, TINY
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
@@ -72,12 +72,6 @@ class Server:
     api_url: str
     env: dict[str, str]  # for every Prefect process of this module: this server, this Prefect home
     logs: Path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
