@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from tasks import batches, figures, model
 from tasks.caching import StageOutput, source_digest, stage_task
@@ -81,13 +80,14 @@ def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Te
               for index, name in enumerate(CLASSES)}
     summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
                              f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
-    pictures = [save_png(figure, out / f"{tag.replace(' ', '_')}.png") for tag, figure in by_tag.items()]
-    pictures.append(save_png(summary, out / "summary.png"))
+    drawn = {tag: figures.pixels(figure) for tag, figure in by_tag.items()}  # each (H, W, 3), drawn once
+    pictures = [save_png(rgb, out / f"{tag.replace(' ', '_')}.png") for tag, rgb in drawn.items()]
+    pictures.append(save_png(figures.pixels(summary), out / "summary.png"))
     with replacing_writer(out, "evaluate") as writer:
         for index, name in enumerate(CLASSES):
             writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=step)
-        for tag, figure in by_tag.items():
-            writer.add_figure(tag, figure, global_step=step)
+        for tag, rgb in drawn.items():
+            writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
     return pictures
 
 
@@ -135,9 +135,9 @@ def precision_recall(scores: torch.Tensor, positives: torch.Tensor, points: int 
     return found / ranks, found / hits.sum().clamp(min=1)
 
 
-def save_png(figure: Figure, path: Path) -> Path:
-    """Render a figure to a PNG file, atomically."""
-    return atomic_write(path, lambda stream: stream.write(png_bytes(figure)))
+def save_png(rgb: np.ndarray, path: Path) -> Path:
+    """Write RGB (H, W, 3) pixels to a PNG file, atomically."""
+    return atomic_write(path, lambda stream: stream.write(png_bytes(rgb)))
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:

@@ -12,14 +12,15 @@ matplotlib.use("Agg")  # no display needed, on servers and workers alike
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 class PredictionsFigure:
     """The tutorial's "predictions vs. actuals": one subplot per image, titled with the predicted class,
     its probability and the true class, green when right and red when wrong.
 
-    Built once and redrawn with new data at each log point: about a third of the cost of a new
-    figure, which keeps the training loop from waiting on matplotlib.
+    Built and laid out once, then redrawn with new data at each log point: a third of the cost of a
+    new figure, which keeps the training loop from waiting on matplotlib.
     """
 
     def __init__(self, classes: Sequence[str], count: int = 4) -> None:
@@ -27,7 +28,15 @@ class PredictionsFigure:
         self.figure = Figure(figsize=(3 * count, 3.3), layout="constrained")
         self.axes = [self.figure.add_subplot(1, count, index + 1, xticks=[], yticks=[]) for index in range(count)]
         blank = np.zeros((28, 28), dtype=np.uint8)
-        self.images = [axes.imshow(blank, cmap="Greys", vmin=0, vmax=255) for axes in self.axes]
+        # Upscaled about tenfold, so "nearest" is what the default interpolation would pick, minus its checks.
+        self.images = [axes.imshow(blank, cmap="Greys", vmin=0, vmax=255, interpolation="nearest") for axes in self.axes]
+        self.canvas = FigureCanvasAgg(self.figure)
+        # Every title has two lines of the same font, so one layout fits them all: lay out once around
+        # sample titles, then keep it (each constrained-layout pass would cost a third of a redraw).
+        for axes in self.axes:
+            axes.set_title("Shirt, 100.0%\n(label: Ankle boot)")
+        self.canvas.draw()
+        self.figure.set_layout_engine("none")
 
     def render(self, images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Draw uint8 images (N, 28, 28) with their (N, C) probabilities and (N,) labels; returns RGB (3, H, W).
@@ -45,9 +54,8 @@ class PredictionsFigure:
                     f"{self.classes[predicted[index]]}, {100 * confidence[index]:.1f}%\n(label: {self.classes[labels[index]]})",
                     color="green" if predicted[index] == labels[index] else "red",
                 )
-        canvas = FigureCanvasAgg(self.figure)
-        canvas.draw()
-        return np.asarray(canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()  # (3, H, W)
+        self.canvas.draw()
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()  # (3, H, W)
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
@@ -118,8 +126,15 @@ def summary_figure(
     return figure
 
 
-def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
-    """The figure rendered as PNG."""
+def pixels(figure: Figure) -> np.ndarray:
+    """The figure drawn once by Agg: RGB (H, W, 3) uint8, for TensorBoard and for a PNG file alike."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """RGB (H, W, 3) uint8 pixels encoded as PNG."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,9 +1,10 @@
 """Prefect's temporary server for a command-line run, booted while the heavy imports run.
 
 Without PREFECT_API_URL a flow run makes Prefect start a temporary local server and wait seconds for
-it, after everything has been imported. `start_temporary_server()` starts the same server first thing,
-so that it boots on the other core while torch and Prefect import; `temporary_server_settings()` then
-points the run at it. Where PREFECT_API_URL is set, both do nothing and the configured server is used.
+it, after everything has been imported. `start_temporary_server()` starts the same server first thing
+(this module, run as `python -m tasks.prefect_server PORT`), so that it boots on the other core while
+torch and Prefect import; `temporary_server_settings()` then points the run at it. Where PREFECT_API_URL
+is set, the server process stops before touching anything and the configured server is used.
 """
 
 from __future__ import annotations
@@ -19,30 +20,45 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 STARTUP_SECONDS = 60.0
+GO_AHEAD = b"serve\n"
+REPOSITORY = Path(__file__).resolve().parents[1]
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _server: subprocess.Popen | None = None
 _url: str | None = None
 
 
 def start_temporary_server() -> None:
-    """Start Prefect's server in the background, as Prefect's own temporary-server mode does, unless one is configured."""
+    """Boot Prefect's temporary server in the background, unless the settings name a server to use.
+
+    The server process starts importing first thing; it touches Prefect's database and serves only once
+    this process, having read the settings, tells it to (on its stdin). Where PREFECT_API_URL is set it
+    is told to stop instead.
+    """
     global _server, _url
-    from prefect.settings import PREFECT_API_URL
+    port = free_port()
+    # The settings of Prefect's own temporary server (prefect.server.api.server.SubprocessASGIServer):
+    # the API alone, no UI, background services off. Nor does it register Prefect's block types in
+    # a new database (a second): a flow run does not use them. Nor note them as registered (the memo),
+    # so `prefect server start` registers them when it first serves that database.
+    environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                   "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0", "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(
+        [sys.executable, "-m", __name__, str(port)], stdin=subprocess.PIPE, env=environment,
+        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+    )
+    from prefect.settings import PREFECT_API_URL  # imports Prefect: a good half second, now overlapped
 
     if PREFECT_API_URL.value():
+        server.terminate()  # still importing: it has touched nothing
+        server.wait()
         return
-    port = free_port()
-    # The command and settings of Prefect's temporary server (prefect.server.api.server.SubprocessASGIServer):
-    # the API alone, no UI, background services off.
-    environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    _server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=environment, preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
-    )
-    _url = f"http://127.0.0.1:{port}/api"
+    server.stdin.write(GO_AHEAD)
+    server.stdin.close()
+    _server, _url = server, f"http://127.0.0.1:{port}/api"
     atexit.register(_stop)
 
 
@@ -97,3 +113,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _serve(port: int) -> None:
+    """In the server process: import and build Prefect's API app, then serve it if the run says so."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app()  # as `uvicorn --factory prefect.server.api.server:create_app` builds it
+    if sys.stdin.buffer.readline() != GO_AHEAD:
+        return  # the run uses a configured server, or has already ended
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

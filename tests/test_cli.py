@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import FLOW_SCRIPT, tiny_args
 
-SERVER_MARK = "prefect.server.api.server:create_app"
+SERVER_MARK = "tasks.prefect_server"
 
 
 def temporary_servers(parent: int) -> list[psutil.Process]:
@@ -32,14 +32,32 @@ def user_environment(synthetic_mirror: Path) -> dict[str, str]:
 
 
 def test_run_with_its_own_temporary_server(user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"  # a first run: the temporary server creates Prefect's database
     done = subprocess.run([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
-                          cwd=tmp_path, env=user_environment, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=user_environment | {"PREFECT_HOME": str(home)},
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-3].startswith("Test accuracy: ")
     assert lines[-2] == "Run directory: runs/fashion_mnist_experiment_1"
     assert lines[-1] == "Open TensorBoard: tensorboard --logdir runs/fashion_mnist_experiment_1"
     assert (tmp_path / "runs" / "fashion_mnist_experiment_1" / "metrics.json").is_file()
+    assert (home / "prefect.db").is_file()
+    # It skipped registering Prefect's block types, and did not note them as registered, so that
+    # `prefect server start` on this database still registers them.
+    assert not (home / "memo_store.toml").exists()
+
+
+def test_a_configured_server_is_used_and_no_temporary_server_starts(
+    prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "prefect-home"
+    done = subprocess.run([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
+                          cwd=tmp_path, env=os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": prefect_api_url},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "fashion_mnist_experiment_1" / "metrics.json").is_file()
+    assert not (home / "prefect.db").exists(), "a temporary server created a database beside the configured server"
 
 
 def test_killed_run_leaves_no_server_behind(user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
