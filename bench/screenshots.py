@@ -18,14 +18,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from tasks.polling import wait_for
 from tasks.prefect_server import free_port
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ DRAWN_LINE = 'path.line[d*="L"]'
 LOSS_TAG = "training loss"
 # The tabs a finished run fills. PROJECTOR joins the tab bar a moment after the first request (checked in a thread).
 RUN_TABS = {"scalars", "images", "graphs", "text", "pr_curves", "hparams", "projector"}
-T = TypeVar("T")
 # Loopback only: never through a proxy that the environment may name.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -71,22 +70,6 @@ def active_tabs(url: str) -> set[str]:
 def tags(url: str, plugin: str) -> dict[str, Any]:
     """Run name -> that run's tags in `plugin` ("scalars", "images", "pr_curves", "text")."""
     return fetch_json(f"{url}/data/plugin/{plugin}/tags")
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float) -> T:
-    """Call `check` until it returns something truthy (connection errors count as not yet) and return that;
-    TimeoutError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except OSError:  # URLError included: not listening yet
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.25)
 
 
 @contextmanager

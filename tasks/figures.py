@@ -29,7 +29,8 @@ class PredictionsFigure:
         self.axes = [self.figure.add_subplot(1, count, index + 1, xticks=[], yticks=[]) for index in range(count)]
         blank = np.zeros((28, 28), dtype=np.uint8)
         # Upscaled about tenfold, so "nearest" is what the default interpolation would pick, minus its checks.
-        self.images = [axes.imshow(blank, cmap="Greys", vmin=0, vmax=255, interpolation="nearest") for axes in self.axes]
+        self.images = [axes.imshow(blank, cmap="Greys", vmin=0, vmax=255, interpolation="nearest")
+                       for axes in self.axes]
         self.canvas = FigureCanvasAgg(self.figure)
         # Every title has two lines of the same font, so one layout fits them all: lay out once around
         # sample titles, then keep it (each constrained-layout pass would cost a third of a redraw).

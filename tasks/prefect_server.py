@@ -17,14 +17,27 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.polling import wait_for
+
 STARTUP_SECONDS = 60.0
 GO_AHEAD = b"serve\n"
 REPOSITORY = Path(__file__).resolve().parents[1]
+SERVER_SETTINGS = {
+    # Those of Prefect's own temporary server (prefect.server.api.server.SubprocessASGIServer):
+    # the API alone, no UI, background services off.
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+    # Nor does it register Prefect's block types in a new database (a second): a flow run does not
+    # use them. Nor note them as registered, so `prefect server start` registers them when it first
+    # serves that database.
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0",
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0",
+}
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _server: subprocess.Popen | None = None
 _url: str | None = None
@@ -35,17 +48,12 @@ def start_temporary_server() -> None:
 
     The server process starts importing first thing; it touches Prefect's database and serves only once
     this process, having read the settings, tells it to (on its stdin). Where PREFECT_API_URL is set it
-    is told to stop instead.
+    is stopped instead.
     """
     global _server, _url
     port = free_port()
-    # The settings of Prefect's own temporary server (prefect.server.api.server.SubprocessASGIServer):
-    # the API alone, no UI, background services off. Nor does it register Prefect's block types in
-    # a new database (a second): a flow run does not use them. Nor note them as registered (the memo),
-    # so `prefect server start` registers them when it first serves that database.
-    environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                   "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0", "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, **SERVER_SETTINGS, "PYTHONPATH": python_path}
     server = subprocess.Popen(
         [sys.executable, "-m", __name__, str(port)], stdin=subprocess.PIPE, env=environment,
         preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
@@ -53,7 +61,7 @@ def start_temporary_server() -> None:
     from prefect.settings import PREFECT_API_URL  # imports Prefect: a good half second, now overlapped
 
     if PREFECT_API_URL.value():
-        server.terminate()  # still importing: it has touched nothing
+        server.terminate()  # the database and the port wait for the go-ahead: nothing to undo
         server.wait()
         return
     server.stdin.write(GO_AHEAD)
@@ -80,17 +88,13 @@ def temporary_server_settings() -> Iterator[None]:
 
 
 def _wait_until_healthy() -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
+    def healthy() -> bool:
         if _server.poll() is not None:
             raise RuntimeError(f"Prefect's temporary server exited with status {_server.returncode} while starting")
-        try:
-            with _DIRECT.open(f"{_url}/health", timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect's temporary server did not answer at {_url} within {STARTUP_SECONDS:.0f} s") from None
-            time.sleep(0.05)
+        with _DIRECT.open(f"{_url}/health", timeout=1):
+            return True
+
+    wait_for(healthy, f"Prefect's temporary server answering at {_url}", STARTUP_SECONDS, interval=0.05)
 
 
 def _stop() -> None:

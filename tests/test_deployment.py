@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.schedule import DEPLOYMENT, deployment_schedule, deployment_spec
 from tasks.config import STAGES
+from tasks.polling import wait_for
 from tasks.prefect_server import free_port
 from tests.conftest import FLOW_SCRIPT, REPO, TINY
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
@@ -101,15 +101,12 @@ def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
 
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, log: Path) -> T:
-    """Poll `check` until it returns something other than None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value is not None:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; {log.name}:\n{tail(log)}")
+def wait_logged(check: Callable[[], T | None], timeout: float, what: str, log: Path) -> T:
+    """`wait_for`, failing the test with the end of `log` when time runs out."""
+    try:
+        return wait_for(check, what, timeout, interval=0.5)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}; {log.name}:\n{tail(log)}") from None
 
 
 def prefect_cli(server: Server, *args: str) -> None:
@@ -148,7 +145,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             except httpx.HTTPError:
                 return None
 
-        wait_for(healthy, 120, "the Prefect server", log)
+        wait_logged(healthy, 120, "the Prefect server", log)
         yield Server(api_url, env, root)
     finally:
         stop(process)
@@ -197,7 +194,7 @@ def wait_until_final(client: SyncPrefectClient, created: FlowRun, log: Path, tim
         run = client.read_flow_run(created.id)
         return run if run.state is not None and run.state.is_final() else None
 
-    return wait_for(finished, timeout, f"flow run {created.name}", log)
+    return wait_logged(finished, timeout, f"flow run {created.name}", log)
 
 
 def stage_states(client: SyncPrefectClient, flow_run: FlowRun, count: int, log: Path) -> dict[str, list[str]]:
@@ -214,7 +211,7 @@ def stage_states(client: SyncPrefectClient, flow_run: FlowRun, count: int, log: 
             states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
         return states
 
-    return wait_for(recorded, 30, f"the task runs of {flow_run.name}", log)
+    return wait_logged(recorded, 30, f"the task runs of {flow_run.name}", log)
 
 
 def test_deployed_with_schedule_limit_schema_and_portable_pull_step(deployment: DeploymentResponse) -> None:
@@ -313,7 +310,7 @@ def test_serve_uses_the_schedule_of_prefect_yaml(server: Server, client: SyncPre
             except ObjectNotFound:
                 return None
 
-        deployment = wait_for(served, 120, "the served deployment", log)
+        deployment = wait_logged(served, 120, "the served deployment", log)
     finally:
         stop(process)
     [schedule] = deployment.schedules

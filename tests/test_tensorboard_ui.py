@@ -12,9 +12,10 @@ import pytest
 
 from bench.screenshots import (
     CHROMIUM, DRAWN_LINE, LOSS_TAG, RUN_TABS, active_tabs, chromium_page, fetch_bytes, fetch_json, show_dashboard,
-    tags, tensorboard, wait_for,
+    tags, tensorboard,
 )
 from tasks.data import CLASSES
+from tasks.polling import wait_for
 from tasks.report import HPARAM_FIELDS
 from tests.conftest import TINY
 
