@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed import LocalCluster
+from distributed.comm.addressing import parse_address, parse_host_port
 from prefect import flow, get_client
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
@@ -164,6 +166,21 @@ def local_cluster(**options: Any) -> LocalCluster:
     """
     api_url = get_client(sync_client=True).api_url
     return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
+
+
+def check_scheduler(address: str, timeout: float = 5) -> None:
+    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
+
+    Dask itself would try for 30 s from inside the flow run and end in a traceback.
+    """
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as error:
+        raise ConfigError(f"--dask-address {address}: {error}") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
 
 
 def task_runner(dask_address: str | None, workers: int | None) -> DaskTaskRunner:
@@ -351,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
         base = PRESETS[preset] | base
         trials = plan(args.name, base, args.grid, args.configurations)
+        if args.dask_address:
+            check_scheduler(args.dask_address)
     except ConfigError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,10 +16,11 @@ import pytest
 # Before Prefect is imported: no telemetry, and a Prefect home (database, result cache) of our own.
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="fashion-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("FASHION_MNIST_MIRROR", None)
 
-from tests.synthetic import write_synthetic_fashion_mnist  # noqa: E402
+from tests.synthetic import TRAIN_SIZE, write_synthetic_fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
@@ -92,6 +95,16 @@ def run_tiny_flow(root: Path, mirror: Path, experiment: str = "tiny", **override
 
     return fashion(experiment=experiment, runs_dir=str(root / "runs"), data_dir=str(root / "data"),
                    mirror=str(mirror), **(TINY | overrides))
+
+
+def total_steps(settings: dict = TINY, train_size: int = TRAIN_SIZE) -> int:
+    """Optimizer steps of a training with these settings (the batch sizes used here divide the data evenly)."""
+    return settings["epochs"] * train_size // settings["batch_size"]
+
+
+def expected_loss_steps(settings: dict = TINY, train_size: int = TRAIN_SIZE) -> list[int]:
+    """The steps at which such a training logs its loss (and its predictions figure): every log_every."""
+    return list(range(settings["log_every"], total_steps(settings, train_size) + 1, settings["log_every"]))
 
 
 def final_weights(result: dict) -> dict:

@@ -27,7 +27,10 @@ def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return images.clip(0, 255)
 
 
-def write_synthetic_fashion_mnist(folder: Path, train_size: int = 160, test_size: int = 80, seed: int = 0) -> Path:
+TRAIN_SIZE = 160  # training images in the default synthetic set
+
+
+def write_synthetic_fashion_mnist(folder: Path, train_size: int = TRAIN_SIZE, test_size: int = 80, seed: int = 0) -> Path:
     """Write the four `.gz` files and `checksums.json` (name -> md5) into `folder`; returns the checksums file.
 
     Point env FASHION_MNIST_CHECKSUMS at that file so the download stage expects these md5s.

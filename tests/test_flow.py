@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tasks.data import CLASSES
-from tests.conftest import TINY
+from tests.conftest import expected_loss_steps, total_steps
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
 
@@ -37,13 +37,12 @@ def test_training_curves_figures_and_pr_curves(finished_run: tuple[Path, dict]) 
     run_dir, _ = finished_run
     runs = load_runs(run_dir)
     train = training_run(runs)
-    total_steps = TINY["epochs"] * 160 // TINY["batch_size"]
-    expected = list(range(TINY["log_every"], total_steps + 1, TINY["log_every"]))
+    expected = expected_loss_steps()
     assert scalar_steps(runs, train, "training loss") == expected
     assert image_steps(runs, train, "predictions vs. actuals") == expected
     pr_curves = runs.PluginRunToTagToContent("pr_curves")[train]
     assert sorted(pr_curves) == sorted(CLASSES)
-    assert image_steps(runs, train, "confusion matrix") == [total_steps]
+    assert image_steps(runs, train, "confusion matrix") == [total_steps()]
 
 
 def test_outputs_are_pictures_people_can_open(finished_run: tuple[Path, dict]) -> None:

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from tasks.checkpoint import CheckpointStore
-from tests.conftest import FLOW_SCRIPT, TINY, final_weights, run_tiny_flow, same_weights, tiny_args
+from tests.conftest import (
+    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args,
+)
 from tests.synthetic import write_synthetic_fashion_mnist
 from tests.tensorboard_reader import load_runs, scalar_steps, training_run
 
@@ -21,11 +23,6 @@ from tests.tensorboard_reader import load_runs, scalar_steps, training_run
 def loss_steps(train_dir: Path) -> list[int]:
     runs = load_runs(Path(train_dir).parent)
     return scalar_steps(runs, training_run(runs), "training loss")
-
-
-def expected_loss_steps(train_size: int, settings: dict) -> list[int]:
-    total = settings["epochs"] * train_size // settings["batch_size"]
-    return list(range(settings["log_every"], total + 1, settings["log_every"]))
 
 
 @pytest.fixture
@@ -40,7 +37,7 @@ def test_fault_in_training_is_retried_from_checkpoint(
     result = run_tiny_flow(tmp_path / "faulty", synthetic_mirror)
     assert "Resuming from" in caplog.text and "(step 15)" in caplog.text
     assert same_weights(final_weights(result), final_weights(uninterrupted))
-    assert loss_steps(result["train_dir"]) == expected_loss_steps(160, TINY)
+    assert loss_steps(result["train_dir"]) == expected_loss_steps()
 
 
 def test_truncated_newest_checkpoint_is_passed_over(
@@ -61,7 +58,7 @@ def test_truncated_newest_checkpoint_is_passed_over(
     assert "Skipping unusable checkpoint" in caplog.text and "step-00000045.pt" in caplog.text
     assert "(step 40)" in caplog.text  # the epoch-end checkpoint before it
     assert same_weights(final_weights(result), final_weights(uninterrupted))
-    assert loss_steps(result["train_dir"]) == expected_loss_steps(160, TINY)
+    assert loss_steps(result["train_dir"]) == expected_loss_steps()
 
 
 def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> None:
@@ -103,7 +100,7 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     train_dir = next(work.glob("runs/*/train-*"))
     resumed = torch.load(train_dir / "model.pt", weights_only=True)["model"]
     assert same_weights(resumed, final_weights(reference))
-    assert loss_steps(train_dir) == expected_loss_steps(4000, settings)
+    assert loss_steps(train_dir) == expected_loss_steps(settings, train_size=4000)
 
 
 def test_refreshed_training_that_fails_resumes_on_retry(

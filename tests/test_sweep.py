@@ -10,6 +10,7 @@ import pytest
 
 from flows.sweep import main, plan
 from tasks.data import download
+from tasks.prefect_server import free_port
 from tasks.train import Hyperparameters, train_task, training_dir
 from tests.conftest import TINY, final_weights, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
@@ -157,4 +158,19 @@ def test_bad_configuration_is_one_line_before_any_work(
     assert main(["--grid", json.dumps(grid), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("address, message", [
+    ("tcp://127.0.0.1:{port}", "no Dask scheduler answers there"),
+    ("tcp://127.0.0.1", "missing port number"),
+])
+def test_unreachable_scheduler_is_one_line_before_any_work(
+    address: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = address.format(port=free_port())  # nothing listens there
+    arguments = ["--grid", '{"lr": [0.01]}', "--dask-address", address, "--runs-dir", str(tmp_path / "runs")]
+    assert main([*arguments, "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert f"--dask-address {address}: {message}" in error and error.count("\n") == 1
     assert not (tmp_path / "runs").exists()
