@@ -20,7 +20,7 @@ class PredictionsFigure:
     its probability and the true class, green when right and red when wrong.
 
     Built and laid out once, then redrawn with new data at each log point: a third of the cost of a
-    new figure, which keeps the training loop from waiting on matplotlib.
+    new figure.
     """
 
     def __init__(self, classes: Sequence[str], count: int = 4) -> None:
@@ -40,7 +40,7 @@ class PredictionsFigure:
         self.figure.set_layout_engine("none")
 
     def render(self, images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Draw uint8 images (N, 28, 28) with their (N, C) probabilities and (N,) labels; returns RGB (3, H, W).
+        """Draw uint8 images (N, 28, 28) with their (N, C) probabilities and (N,) labels; returns RGB (H, W, 3).
 
         N may be below the figure's count (a last, smaller batch): the spare subplots stay empty.
         """
@@ -56,7 +56,7 @@ class PredictionsFigure:
                     color="green" if predicted[index] == labels[index] else "red",
                 )
         self.canvas.draw()
-        return np.asarray(self.canvas.buffer_rgba())[..., :3].transpose(2, 0, 1).copy()  # (3, H, W)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:

@@ -2,30 +2,26 @@
 
 Without PREFECT_API_URL a flow run makes Prefect start a temporary local server and wait seconds for
 it, after everything has been imported. `start_temporary_server()` starts the same server first thing
-(this module, run as `python -m tasks.prefect_server PORT`), so that it boots on the other core while
-torch and Prefect import; `temporary_server_settings()` then points the run at it. Where PREFECT_API_URL
-is set, the server process stops before touching anything and the configured server is used.
+(this module, run as a child process), so that it boots on the other core while torch and Prefect
+import; `temporary_server_settings()` then points the run at it. Where PREFECT_API_URL is set, the
+server process stops before touching anything and the configured server is used.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import os
-import signal
 import socket
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
+from tasks.child_process import child_arguments, start_child
 from tasks.polling import wait_for
 
 STARTUP_SECONDS = 60.0
 GO_AHEAD = b"serve\n"
-REPOSITORY = Path(__file__).resolve().parents[1]
 SERVER_SETTINGS = {
     # Those of Prefect's own temporary server (prefect.server.api.server.SubprocessASGIServer):
     # the API alone, no UI, background services off.
@@ -52,12 +48,7 @@ def start_temporary_server() -> None:
     """
     global _server, _url
     port = free_port()
-    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
-    environment = {**os.environ, **SERVER_SETTINGS, "PYTHONPATH": python_path}
-    server = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(port)], stdin=subprocess.PIPE, env=environment,
-        preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
-    )
+    server = start_child(__name__, str(port), env=SERVER_SETTINGS, stdin=subprocess.PIPE)
     from prefect.settings import PREFECT_API_URL  # imports Prefect: a good half second, now overlapped
 
     if PREFECT_API_URL.value():
@@ -106,12 +97,6 @@ def _stop() -> None:
             _server.kill()
 
 
-def _stop_with_parent() -> None:
-    """In the server process: get SIGTERM when the run's process dies, even by SIGKILL, so no server is orphaned."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
@@ -131,4 +116,4 @@ def _serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(child_arguments()[0]))

@@ -21,7 +21,7 @@ from tasks.checkpoint import CheckpointStore
 from tasks.config import RunConfig
 from tasks.data import CLASSES, fingerprint, load_split
 from tasks.faults import fault_point
-from tasks.figures import PredictionsFigure
+from tasks.figure_worker import FigureWorker
 from tasks.files import digest_json, read_manifest, write_manifest
 from tasks.log import stage_logger
 from tasks.progress import StepProgress
@@ -171,9 +171,9 @@ class TrainingLoop:
         """Train from the current position to the last epoch, logging and checkpointing on the way."""
         images, labels = images.to(self.device), labels.to(self.device)  # 47 MB of uint8: one copy, then index
         progress = StepProgress("train", total=self.hp.epochs * self.batches_per_epoch, done=self.global_step)
-        figure = PredictionsFigure(CLASSES)
+        figures = FigureWorker(writer, PREDICTIONS_TAG, CLASSES)
         self.model.train()
-        with closing(progress), onednn(enabled=self.hp.batch_size >= ONEDNN_MIN_BATCH):
+        with closing(progress), closing(figures), onednn(enabled=self.hp.batch_size >= ONEDNN_MIN_BATCH):
             while self.epoch < self.hp.epochs:
                 permutation = self.order.next_epoch().to(self.device)
                 for batch in range(self.batches_done, self.batches_per_epoch):
@@ -183,12 +183,12 @@ class TrainingLoop:
                     self.batches_done = batch + 1
                     progress.advance()
                     if self.global_step % log_every == 0:
-                        self._log_point(writer, figure, progress, raw, inputs, targets, log_every)
+                        self._log_point(writer, figures, progress, raw, inputs, targets, log_every)
                     if self.global_step % checkpoint_every == 0:
-                        self._checkpoint(writer, store)
+                        self._checkpoint(writer, figures, store)
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.order_state = self.order.state()
-                self._checkpoint(writer, store)
+                self._checkpoint(writer, figures, store)
 
     def _step(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns the normalised inputs (B, 1, 28, 28)."""
@@ -205,7 +205,7 @@ class TrainingLoop:
         return inputs
 
     def _log_point(
-        self, writer: SummaryWriter, figure: PredictionsFigure, progress: StepProgress, raw: torch.Tensor,
+        self, writer: SummaryWriter, figures: FigureWorker, progress: StepProgress, raw: torch.Tensor,
         inputs: torch.Tensor, targets: torch.Tensor, log_every: int,
     ) -> None:
         """Average loss since the last point, and the tutorial's figure on this batch (at most 4 images)."""
@@ -217,11 +217,11 @@ class TrainingLoop:
             self.model.eval()
             probabilities = torch.softmax(self.model(inputs[:4]), dim=1)  # (4, C)
             self.model.train()
-        picture = figure.render(raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
-        writer.add_image(PREDICTIONS_TAG, picture, self.global_step)  # (3, H, W) uint8
+        figures.log(self.global_step, raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
 
-    def _checkpoint(self, writer: SummaryWriter, store: CheckpointStore) -> None:
+    def _checkpoint(self, writer: SummaryWriter, figures: FigureWorker, store: CheckpointStore) -> None:
         # Events first: every point up to this step must be on disk before a resume may start here.
+        figures.flush()
         writer.flush()
         store.save(self.state_dict())
 
