@@ -33,6 +33,10 @@ SERVER_SETTINGS = {
     # serves that database.
     "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0",
     "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0",
+    # Nor does it run automations (their triggers and actions; starting them costs a third of a
+    # second): a server that lives for one run is no place for them. They belong on a Prefect
+    # server that stays up, which PREFECT_API_URL points runs at.
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "0",
 }
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _server: subprocess.Popen | None = None

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tasks.config import STAGES
 from tests.conftest import FLOW_SCRIPT, tiny_args
 
 SERVER_MARK = "tasks.prefect_server"
@@ -42,7 +45,13 @@ def test_run_with_its_own_temporary_server(user_environment: dict[str, str], syn
     assert lines[-2] == "Run directory: runs/fashion_mnist_experiment_1"
     assert lines[-1] == "Open TensorBoard: tensorboard --logdir runs/fashion_mnist_experiment_1"
     assert (tmp_path / "runs" / "fashion_mnist_experiment_1" / "metrics.json").is_file()
-    assert (home / "prefect.db").is_file()
+    # The run is in Prefect's database for `prefect server start` to show: the flow run and every task
+    # run in its final state (which the server records from events, before it stops).
+    with closing(sqlite3.connect(home / "prefect.db")) as database:
+        [(flow_run, state)] = database.execute("SELECT id, state_name FROM flow_run").fetchall()
+        task_states = database.execute("SELECT state_name FROM task_run WHERE flow_run_id = ?", (flow_run,)).fetchall()
+    assert state == "Completed"
+    assert sorted(name for (name,) in task_states) == ["Completed"] * (len(STAGES) + 1)  # the stages and the report
     # It skipped registering Prefect's block types, and did not note them as registered, so that
     # `prefect server start` on this database still registers them.
     assert not (home / "memo_store.toml").exists()
