@@ -36,6 +36,7 @@ class PredictionsFigure:
         # sample titles, then keep it (each constrained-layout pass would cost a third of a redraw).
         for axes in self.axes:
             axes.set_title("Shirt, 100.0%\n(label: Ankle boot)")
+        self.figure.get_layout_engine().set(h_pad=0.1)  # inches: room above the titles' first line
         self.canvas.draw()
         self.figure.set_layout_engine("none")
 
