@@ -34,7 +34,7 @@ from tasks.evaluate import evaluate_task
 from tasks.graph import graph_task
 from tasks.inspection import inspect_task
 from tasks.lock import ExperimentBusyError, experiment_lock
-from tasks.prefect_server import temporary_server_settings
+from tasks.prefect_server import TemporaryServerError, temporary_server_settings
 from tasks.report import report_task
 from tasks.train import Hyperparameters, train_task
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             import_ahead(command.config)
             with temporary_server_settings():
                 result = fashion(**command.config.model_dump())
-    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError) as error:
+    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError, TemporaryServerError) as error:
         print(f"fashion.py: error: {error}", file=sys.stderr)
         return 1
     print(f"Test accuracy: {result['test_accuracy']:.4f}")

@@ -1,5 +1,9 @@
-"""Helper processes of a run, such as Prefect's temporary server: modules of this project run as
-`python -m MODULE PARENT_PID ARGS...`, which stop when the run's process dies, even by SIGKILL."""
+"""Helper processes of a run (Prefect's temporary server, the figure process): modules of this project,
+each run in a Python process of its own that stops when the run does.
+
+Contract: call `start_child` from a thread that outlives the child. On Linux the child gets SIGTERM
+when that thread ends (PR_SET_PDEATHSIG), so that no helper outlives a run killed by SIGKILL.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,32 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# -P: not the current directory first on the path, where a `tasks` of someone else's could shadow ours.
+# This project's folder goes last, for a checkout that is not installed: an installed copy wins, and
+# nothing of the standard library or site-packages can be shadowed.
+BOOTSTRAP = ("import runpy, sys; sys.path.append(sys.argv.pop(1)); "
+             "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
-def start_child(module: str, *args: str, env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    """Start `module` of this project in a new Python process; `popen` goes to subprocess.Popen."""
-    python_path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
-    environment = {**os.environ, **(env or {}), "PYTHONPATH": python_path}
-    return subprocess.Popen([sys.executable, "-m", module, str(os.getpid()), *args], env=environment, **popen)
+def start_child(module: str, *args: str, **popen: Any) -> subprocess.Popen:
+    """Start `module` of this project as `__main__` of a new Python process; `popen` goes to subprocess.Popen.
+
+    The child has a session of its own: a Ctrl-C in the terminal interrupts the run, which then stops
+    its helpers in order, instead of interrupting every process at once.
+    """
+    command = [sys.executable, "-P", "-c", BOOTSTRAP, str(REPOSITORY), module, str(os.getpid()), *args]
+    return subprocess.Popen(command, start_new_session=True, **popen)
 
 
 def child_arguments() -> list[str]:
     """In a process from `start_child`: tie its life to its parent's, and return the arguments meant for it.
 
-    On Linux it gets SIGTERM when the parent dies; where the parent is already gone, it exits at once.
+    Where the parent is already gone, it exits at once.
     """
     parent, *arguments = sys.argv[1:]
     if sys.platform == "linux":

@@ -2,7 +2,7 @@
 
 Matplotlib holds the GIL while it draws, about 30 ms a figure with its PNG, so a thread would still
 stall the training loop; a child process draws on another core. The loop hands over the few numbers
-a figure needs and goes on; the PNGs are written to the training's event file as they come back, and
+a figure needs and goes on; each PNG goes into the training's event file at the next log point, and
 all of them before each checkpoint.
 """
 
@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
@@ -23,8 +25,8 @@ if TYPE_CHECKING:  # the child process runs this module too: it imports no torch
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-# Figures handed over and not yet written. At most this many: the loop then waits for the oldest, so
-# neither pipe between the processes can fill up, whatever --log-every and --checkpoint-every are.
+# Figures handed over and not yet written, at most: with more, the loop first waits for the oldest.
+# So however far apart the checkpoints are, replies never pile up in the pipe unread.
 MAX_PENDING = 2
 
 
@@ -34,15 +36,16 @@ class FigureWorker:
     def __init__(self, writer: SummaryWriter, tag: str, classes: Sequence[str]) -> None:
         self.writer, self.tag = writer, tag
         self.process = start_child(__name__, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.pending: deque[int] = deque()  # the steps of the figures being drawn, oldest first
+        self.pending: deque[tuple[int, float]] = deque()  # (step, wall time) of the figures being drawn, oldest first
         self._send(list(classes))
 
     def log(self, step: int, images: np.ndarray, probabilities: np.ndarray, labels: np.ndarray) -> None:
         """Hand over uint8 images (N, 28, 28), their (N, C) probabilities and (N,) labels; returns at once."""
-        while len(self.pending) >= MAX_PENDING:
+        # Figures drawn by now go to the writer now, so TensorBoard shows each one a log point later at most.
+        while self.pending and (len(self.pending) >= MAX_PENDING or self._reply_waiting()):
             self._write_oldest()
         self._send((images, probabilities, labels))
-        self.pending.append(step)
+        self.pending.append((step, time.time()))
 
     def flush(self) -> None:
         """Wait until every figure handed over is in the writer."""
@@ -51,6 +54,8 @@ class FigureWorker:
 
     def close(self) -> None:
         """Stop the child process; figures not yet flushed are dropped."""
+        if self.pending:  # after an error: nobody will read its replies, which it may be blocked on
+            self.process.terminate()
         with contextlib.suppress(BrokenPipeError):  # it has already gone
             self.process.stdin.close()
         try:
@@ -66,16 +71,20 @@ class FigureWorker:
         except BrokenPipeError:
             raise self._died() from None
 
+    def _reply_waiting(self) -> bool:
+        return bool(select.select([self.process.stdout], [], [], 0)[0])
+
     def _write_oldest(self) -> None:
         try:
             png, height, width = pickle.load(self.process.stdout)
-        except EOFError:
+        except (EOFError, pickle.UnpicklingError):  # it has gone, maybe halfway through a reply
             raise self._died() from None
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
         summary = Summary(value=[Summary.Value(tag=self.tag, image=image)])
-        self.writer._get_file_writer().add_summary(summary, self.pending.popleft())  # as add_image writes it
+        step, wall_time = self.pending.popleft()
+        self.writer._get_file_writer().add_summary(summary, step, wall_time)  # as add_image writes it
 
     def _died(self) -> RuntimeError:
         return RuntimeError(f"the figure process exited with status {self.process.wait()}; see its output above")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +39,12 @@ SERVER_SETTINGS = {
     # server that stays up, which PREFECT_API_URL points runs at.
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "0",
 }
+
+
+class TemporaryServerError(RuntimeError):
+    """Prefect's temporary server did not come up."""
+
+
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _server: subprocess.Popen | None = None
 _url: str | None = None
@@ -51,16 +58,23 @@ def start_temporary_server() -> None:
     is stopped instead.
     """
     global _server, _url
-    port = free_port()
-    server = start_child(__name__, str(port), env=SERVER_SETTINGS, stdin=subprocess.PIPE)
+    # Bound here and handed over, so that no other process can take the port while the server imports.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        server = start_child(__name__, str(listener.fileno()), env={**os.environ, **SERVER_SETTINGS},
+                             stdin=subprocess.PIPE, pass_fds=(listener.fileno(),))
+        port = listener.getsockname()[1]
     from prefect.settings import PREFECT_API_URL  # imports Prefect: a good half second, now overlapped
 
     if PREFECT_API_URL.value():
-        server.terminate()  # the database and the port wait for the go-ahead: nothing to undo
+        server.terminate()  # the database waits for the go-ahead: nothing to undo
         server.wait()
         return
-    server.stdin.write(GO_AHEAD)
-    server.stdin.close()
+    try:
+        server.stdin.write(GO_AHEAD)
+        server.stdin.close()
+    except BrokenPipeError:
+        pass  # it has already exited: waiting for it to answer says so, with its status
     _server, _url = server, f"http://127.0.0.1:{port}/api"
     atexit.register(_stop)
 
@@ -85,11 +99,15 @@ def temporary_server_settings() -> Iterator[None]:
 def _wait_until_healthy() -> None:
     def healthy() -> bool:
         if _server.poll() is not None:
-            raise RuntimeError(f"Prefect's temporary server exited with status {_server.returncode} while starting")
+            raise TemporaryServerError(f"Prefect's temporary server exited with status {_server.returncode} "
+                                       "while starting (its output is above)")
         with _DIRECT.open(f"{_url}/health", timeout=1):
             return True
 
-    wait_for(healthy, f"Prefect's temporary server answering at {_url}", STARTUP_SECONDS, interval=0.05)
+    try:
+        wait_for(healthy, f"Prefect's temporary server answering at {_url}", STARTUP_SECONDS, interval=0.05)
+    except TimeoutError as error:
+        raise TemporaryServerError(str(error)) from None
 
 
 def _stop() -> None:
@@ -108,16 +126,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _serve(port: int) -> None:
-    """In the server process: import and build Prefect's API app, then serve it if the run says so."""
+def _serve(listener: socket.socket) -> None:
+    """In the server process: import and build Prefect's API app, then serve it on `listener` if the run says so."""
     import uvicorn
     from prefect.server.api.server import create_app
 
     app = create_app()  # as `uvicorn --factory prefect.server.api.server:create_app` builds it
     if sys.stdin.buffer.readline() != GO_AHEAD:
         return  # the run uses a configured server, or has already ended
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+    uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on")).run(sockets=[listener])
 
 
 if __name__ == "__main__":
-    _serve(int(child_arguments()[0]))
+    _serve(socket.socket(fileno=int(child_arguments()[0])))

@@ -84,3 +84,27 @@ def test_killed_run_leaves_no_server_behind(user_environment: dict[str, str], sy
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_ctrl_c_stops_the_run_and_its_helpers_at_once(
+    user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path
+) -> None:
+    # A terminal's Ctrl-C: SIGINT to the whole foreground process group, here while training runs.
+    process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(epochs=500), "--mirror", str(synthetic_mirror)],
+                               cwd=tmp_path, env=user_environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "runs").glob("*/train-*/checkpoints/*.pt")):
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        helpers = psutil.Process(process.pid).children(recursive=True)  # the server and the figure process
+        os.killpg(process.pid, signal.SIGINT)
+        # Stopped in order, within seconds (a server stopped first left Prefect retrying for minutes).
+        process.wait(timeout=60)
+        _, alive = psutil.wait_procs(helpers, timeout=15)
+        assert not alive, f"left behind: {[' '.join(helper.cmdline()) for helper in alive]}"
+        assert process.returncode != 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
