@@ -29,16 +29,17 @@ def temporary_servers(parent: int) -> list[psutil.Process]:
 
 
 @pytest.fixture
-def user_environment(synthetic_mirror: Path) -> dict[str, str]:
-    """The test's environment without PREFECT_API_URL, as on a machine with no Prefect server configured."""
-    return {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+def user_environment(synthetic_mirror: Path, tmp_path: Path) -> dict[str, str]:
+    """The test's environment without PREFECT_API_URL, as on a machine with no Prefect server configured,
+    and a Prefect home of its own: the runs' temporary servers share no database with the tests' server."""
+    environment = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    return environment | {"PREFECT_HOME": str(tmp_path / "prefect-home")}
 
 
 def test_run_with_its_own_temporary_server(user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
-    home = tmp_path / "prefect-home"  # a first run: the temporary server creates Prefect's database
+    home = Path(user_environment["PREFECT_HOME"])  # a first run: the temporary server creates Prefect's database
     done = subprocess.run([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
-                          cwd=tmp_path, env=user_environment | {"PREFECT_HOME": str(home)},
-                          capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=user_environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-3].startswith("Test accuracy: ")
@@ -90,17 +91,22 @@ def test_ctrl_c_stops_the_run_and_its_helpers_at_once(
     user_environment: dict[str, str], synthetic_mirror: Path, tmp_path: Path
 ) -> None:
     # A terminal's Ctrl-C: SIGINT to the whole foreground process group, here while training runs.
-    process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(epochs=500), "--mirror", str(synthetic_mirror)],
-                               cwd=tmp_path, env=user_environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    log = tmp_path / "run.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(epochs=500), "--mirror",
+                                    str(synthetic_mirror)], cwd=tmp_path, env=user_environment,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not list((tmp_path / "runs").glob("*/train-*/checkpoints/*.pt")):
-            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            assert process.poll() is None and time.monotonic() < deadline, f"training did not start:\n{log.read_text()}"
             time.sleep(0.1)
         helpers = psutil.Process(process.pid).children(recursive=True)  # the server and the figure process
         os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)  # the run stops its helpers itself, in order
+        try:
+            process.wait(timeout=60)  # the run stops its helpers itself, in order
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 60 s after Ctrl-C:\n{log.read_text()[-5000:]}")
         _, alive = psutil.wait_procs(helpers, timeout=15)
         assert not alive, f"left behind: {[' '.join(helper.cmdline()) for helper in alive]}"
         assert process.returncode != 0
