@@ -23,20 +23,16 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from flows.command_line import fail, parse_command_line
-from tasks.checkpoint import checkpoint_task
+from flows.pipeline import run_stages
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
     Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
     resolve_device,
 )
 from tasks.data import DatasetChecksumError, DatasetDownloadError, download_task
-from tasks.evaluate import evaluate_task
-from tasks.graph import graph_task
-from tasks.inspection import inspect_task
 from tasks.lock import ExperimentBusyError, experiment_lock
 from tasks.prefect_server import TemporaryServerError, temporary_server_settings
 from tasks.report import report_task
-from tasks.train import Hyperparameters, train_task
 
 DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
 
@@ -78,19 +74,11 @@ def fashion(
     """Download, inspect, log the graph, train, checkpoint, evaluate and report; returns the test metrics."""
     config = parse_config(locals())
     resolved_device = resolve_device(config.device)
-    run_dir = str(config.run_dir)
     with experiment_lock(config.run_dir):
         stage = Stages(config.refresh)
         dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source)
-        stage(inspect_task, dataset=dataset, run_dir=run_dir, seed=config.seed)
-        stage(graph_task, run_dir=run_dir)
-        training = stage(
-            train_task, dataset=dataset, run_dir=run_dir, hyperparameters=Hyperparameters.of(config),
-            device=resolved_device, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-        )
-        model_file = stage(checkpoint_task, training=training)
-        evaluation = stage(evaluate_task, model_file=model_file, dataset=dataset)
-        return report_task(config, resolved_device, evaluation, stage.states)
+        done = run_stages(stage, config, resolved_device, dataset)
+        return report_task(config, resolved_device, done["evaluate"], stage.states)
 
 
 def import_ahead(config: RunConfig) -> None:

@@ -20,23 +20,19 @@ from typing import Any
 
 from distributed import LocalCluster
 from distributed.comm.addressing import parse_address, parse_host_port
-from prefect import flow, get_client
+from prefect import Task, flow, get_client
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 
 from flows.command_line import PRESETS
 from flows.command_line import build_parser as run_options
-from tasks.checkpoint import checkpoint_task
-from tasks.config import ConfigError, RunConfig, parse_config, resolve_device
+from flows.pipeline import run_stages
+from tasks.config import ConfigError, RunConfig, is_url, parse_config, resolve_device
 from tasks.data import download_task
-from tasks.evaluate import evaluate_task
 from tasks.files import atomic_write_json
-from tasks.graph import graph_task
-from tasks.inspection import inspect_task
 from tasks.lock import experiment_lock
 from tasks.report import report_task
-from tasks.train import Hyperparameters, train_task
 
 # What one configuration may set; the rest (folders, data source, refresh) is the sweep's and shared.
 VARIABLE = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "log_every", "checkpoint_every",
@@ -112,7 +108,7 @@ def shared_folders(base: dict[str, Any], name: str) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(str(error).replace("--experiment", "--name", 1)) from None
     folders = {"runs_dir": os.path.abspath(shared.runs_dir), "data_dir": os.path.abspath(shared.data_dir)}
-    if shared.mirror and not shared.mirror.startswith(("http://", "https://")):
+    if shared.mirror and not is_url(shared.mirror):
         folders["mirror"] = os.path.abspath(shared.mirror)
     return base | folders
 
@@ -226,19 +222,11 @@ def sweep(
 
 def submit_stages(trial: Trial, dataset: PrefectFuture, refresh: set[str]) -> dict[str, PrefectFuture]:
     """Submit one configuration's stages, each fed by its upstream stage's future."""
-    config, run_dir = trial.config, str(trial.config.run_dir)
-    chain: dict[str, PrefectFuture] = {}
-    chain["inspect"] = inspect_task.submit(dataset=dataset, run_dir=run_dir, seed=config.seed,
-                                           refresh="inspect" in refresh)
-    chain["graph"] = graph_task.submit(run_dir=run_dir, refresh="graph" in refresh)
-    chain["train"] = train_task.submit(
-        dataset=dataset, run_dir=run_dir, hyperparameters=Hyperparameters.of(config), device=trial.device,
-        log_every=config.log_every, checkpoint_every=config.checkpoint_every, refresh="train" in refresh,
-    )
-    chain["checkpoint"] = checkpoint_task.submit(training=chain["train"], refresh="checkpoint" in refresh)
-    chain["evaluate"] = evaluate_task.submit(model_file=chain["checkpoint"], dataset=dataset,
-                                             refresh="evaluate" in refresh)
-    return chain
+
+    def submit(stage: Task, **inputs: Any) -> PrefectFuture:
+        return stage.submit(**inputs, refresh=stage.name in refresh)
+
+    return run_stages(submit, trial.config, trial.device, dataset)
 
 
 def submit_report(trial: Trial, dataset: PrefectFuture, chain: dict[str, PrefectFuture]) -> PrefectFuture | None:

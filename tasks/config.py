@@ -84,7 +84,7 @@ class RunConfig(BaseModel):
     def _usable_mirror(cls, mirror: str | None) -> str | None:
         if mirror is None or mirror == "":
             return None
-        if mirror.startswith(("http://", "https://")) or Path(mirror).is_dir():
+        if is_url(mirror) or Path(mirror).is_dir():
             return mirror
         raise ValueError(f"{mirror!r} is neither an http(s) URL nor an existing folder")
 
@@ -115,6 +115,11 @@ class RunConfig(BaseModel):
     def source(self) -> str | None:
         """Where the dataset comes from: --mirror, else env FASHION_MNIST_MIRROR, else the official mirrors."""
         return self.mirror or os.environ.get("FASHION_MNIST_MIRROR") or None
+
+
+def is_url(mirror: str) -> bool:
+    """Whether a mirror is an http(s) URL; otherwise it is a local folder."""
+    return mirror.startswith(("http://", "https://"))
 
 
 def documented_parameters(fn: Callable[..., Any]) -> Callable[..., Any]:

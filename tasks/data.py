@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from tasks.caching import StageOutput, source_digest, stage_task
+from tasks.config import is_url
 from tasks.files import atomic_write, digest_json, md5_file, read_manifest, write_manifest
 
 # torchvision's FashionMNIST.classes and .resources (a test checks that they agree), written out so
@@ -86,7 +87,7 @@ def download(data_dir: str, mirror: str | None = None, refresh: bool = False) ->
         staged_raw = Path(staging) / "FashionMNIST" / "raw"
         staged_raw.mkdir(parents=True)
         _stage_verified_copies(final_raw, staged_raw, files, strict=False)
-        if mirror and not mirror.startswith(("http://", "https://")):
+        if mirror and not is_url(mirror):
             _stage_verified_copies(Path(mirror), staged_raw, files, strict=True)
         _fetch_with_torchvision(Path(staging), files, mirror)
         cache_path = manifest_path.parent / f"fashion-mnist-{digest_json(files)[:12]}.pt"
@@ -120,7 +121,7 @@ def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | Non
     """Run torchvision's own download (md5-checked) and extraction into `root`."""
     from torchvision.datasets import FashionMNIST
 
-    mirrors = [mirror.rstrip("/") + "/"] if mirror and mirror.startswith(("http://", "https://")) else FashionMNIST.mirrors
+    mirrors = [mirror.rstrip("/") + "/"] if mirror and is_url(mirror) else FashionMNIST.mirrors
     # Same class name as torchvision's, so the files land in its `FashionMNIST/raw` layout.
     dataset_class = type("FashionMNIST", (FashionMNIST,), {"mirrors": mirrors, "resources": list(files.items())})
     try:

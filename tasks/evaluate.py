@@ -16,10 +16,10 @@ from tasks.checkpoint import load_model_file
 from tasks.data import CLASSES, fingerprint, load_split
 from tasks.events import event_files, read_scalars, replacing_writer
 from tasks.faults import fault_point
-from tasks.figures import confusion_figure, per_class_accuracy_figure, png_bytes, summary_figure
-from tasks.train import LOSS_TAG
-from tasks.progress import StepProgress
+from tasks.figures import confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure
 from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, sha256_file, write_manifest
+from tasks.progress import StepProgress
+from tasks.train import LOSS_TAG
 
 EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
 CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
@@ -80,9 +80,9 @@ def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Te
               for index, name in enumerate(CLASSES)}
     summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
                              f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
-    drawn = {tag: figures.pixels(figure) for tag, figure in by_tag.items()}  # each (H, W, 3), drawn once
+    drawn = {tag: pixels(figure) for tag, figure in by_tag.items()}  # each (H, W, 3), drawn once
     pictures = [save_png(rgb, out / f"{tag.replace(' ', '_')}.png") for tag, rgb in drawn.items()]
-    pictures.append(save_png(figures.pixels(summary), out / "summary.png"))
+    pictures.append(save_png(pixels(summary), out / "summary.png"))
     with replacing_writer(out, "evaluate") as writer:
         for index, name in enumerate(CLASSES):
             writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=step)

@@ -16,11 +16,8 @@ os.umask(_UMASK)
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):  # 1 MiB at a time: flat memory for any size
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, algorithm).hexdigest()  # block by block: flat memory for any size
 
 
 def sha256_file(path: Path) -> str:
