@@ -175,15 +175,18 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Measurement]:
     logs, runs = work / "logs", work / "runs"
     logs.mkdir()
     env = run_env(work / "prefect-home")
-    flow_args = ["--mirror", str(args.mirror), "--runs-dir", str(runs), "--data-dir", str(work / "flow-data"),
-                 "--device", args.device]
+
+    def flow_args(runs_dir: Path, data_dir: Path) -> list[str]:
+        return ["--mirror", str(args.mirror), "--runs-dir", str(runs_dir), "--data-dir", str(data_dir),
+                "--device", args.device]
+
+    first_args = flow_args(runs, work / "flow-data")
     # The same job in new folders, with Prefect's database already created by the first run: what every
     # later first run of an experiment costs (the very first Prefect run also creates the database).
     again_runs = work / "runs-again"
-    again_args = ["--mirror", str(args.mirror), "--runs-dir", str(again_runs), "--data-dir", str(work / "flow-data-again"),
-                  "--device", args.device]
+    again_args = flow_args(again_runs, work / "flow-data-again")
     steps: list[tuple[str, Callable[[str], Measurement]]] = [
-        ("flow", lambda name: measure_flow(name, flow_args, env, runs, logs)),
+        ("flow", lambda name: measure_flow(name, first_args, env, runs, logs)),
         ("flow, Prefect db exists", lambda name: measure_flow(name, again_args, env, again_runs, logs)),
         ("tutorial", lambda name: measure_script(name, "bench/tutorial.py", [
             "--data-dir", str(prepare_raw(args.mirror, work / "tutorial-data", extract=False)),
@@ -191,7 +194,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Measurement]:
         ("bare loop", lambda name: measure_script(name, "bench/bare_loop.py", [
             "--data-dir", str(prepare_raw(args.mirror, work / "bare-data", extract=True)),
             "--seed", "0", "--device", args.device], env, logs)),
-        ("flow, cached", lambda name: measure_flow(name, flow_args, env, runs, logs)),
+        ("flow, cached", lambda name: measure_flow(name, first_args, env, runs, logs)),
     ]
     results = {}
     for name, measure in steps:

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -20,12 +21,14 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("FASHION_MNIST_MIRROR", None)
 
+from tasks.polling import wait_for  # noqa: E402
 from tests.synthetic import TRAIN_SIZE, write_synthetic_fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
 FLOW_SCRIPT = REPO / "flows" / "fashion.py"
 # Small settings that still exercise every stage: 160 training images in batches of 4 = 40 steps an epoch.
+T = TypeVar("T")
 TINY = {"epochs": 2, "batch_size": 4, "lr": 0.02, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
 
 
@@ -82,6 +85,17 @@ def run_flow_script(*args: str, cwd: Path, env: dict[str, str] | None = None, ti
         [sys.executable, str(FLOW_SCRIPT), *args], cwd=cwd, env={**os.environ, **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def wait_while_running(process: subprocess.Popen, check: Callable[[], T], what: str, timeout: float,
+                       interval: float = 0.05) -> T:
+    """Poll `check` until it returns something truthy, and return that; fail if `process` ends first."""
+
+    def ready() -> T:
+        assert process.poll() is None, f"the run ended (status {process.returncode}) before {what}"
+        return check()
+
+    return wait_for(ready, what, timeout, interval)
 
 
 def tiny_args(**overrides: object) -> list[str]:

@@ -34,3 +34,9 @@ def training_run(multiplexer: EventMultiplexer) -> str:
     names = [name for name in multiplexer.Runs() if Path(name).name.startswith("train-")]
     assert len(names) == 1, f"expected one training run, found {names}"
     return names[0]
+
+
+def loss_steps(run_dir: Path) -> list[int]:
+    """The steps of the training loss in the (single) training run under an experiment's run directory."""
+    runs = load_runs(run_dir)
+    return scalar_steps(runs, training_run(runs), "training loss")

@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from tasks.config import STAGES
-from tests.conftest import FLOW_SCRIPT, tiny_args
+from tests.conftest import FLOW_SCRIPT, tiny_args, wait_while_running
 
 SERVER_MARK = "tasks.prefect_server"
 
@@ -74,10 +73,7 @@ def test_killed_run_leaves_no_server_behind(user_environment: dict[str, str], sy
     process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(), "--mirror", str(synthetic_mirror)],
                                cwd=tmp_path, env=user_environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not (servers := temporary_servers(process.pid)):
-            assert process.poll() is None and time.monotonic() < deadline, "no temporary server appeared"
-            time.sleep(0.05)
+        servers = wait_while_running(process, lambda: temporary_servers(process.pid), "a temporary server appeared", 60)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         _, alive = psutil.wait_procs(servers, timeout=15)
@@ -97,10 +93,8 @@ def test_ctrl_c_stops_the_run_and_its_helpers_at_once(
                                     str(synthetic_mirror)], cwd=tmp_path, env=user_environment,
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list((tmp_path / "runs").glob("*/train-*/checkpoints/*.pt")):
-            assert process.poll() is None and time.monotonic() < deadline, f"training did not start:\n{log.read_text()}"
-            time.sleep(0.1)
+        wait_while_running(process, lambda: list((tmp_path / "runs").glob("*/train-*/checkpoints/*.pt")),
+                           "training started", 120, interval=0.1)
         helpers = psutil.Process(process.pid).children(recursive=True)  # the server and the figure process
         os.killpg(process.pid, signal.SIGINT)
         try:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,10 @@ import torch
 
 from tasks.checkpoint import CheckpointStore
 from tests.conftest import (
-    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args,
+    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, wait_while_running,
 )
 from tests.synthetic import write_synthetic_fashion_mnist
-from tests.tensorboard_reader import load_runs, scalar_steps, training_run
-
-
-def loss_steps(train_dir: Path) -> list[int]:
-    runs = load_runs(Path(train_dir).parent)
-    return scalar_steps(runs, training_run(runs), "training loss")
+from tests.tensorboard_reader import image_steps, load_runs, loss_steps, scalar_steps, training_run
 
 
 @pytest.fixture
@@ -31,17 +25,17 @@ def uninterrupted(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) 
 
 
 def test_fault_in_training_is_retried_from_checkpoint(
-    uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("FASHION_FAULT", "train:25")  # between the checkpoints at steps 15 and 30
     result = run_tiny_flow(tmp_path / "faulty", synthetic_mirror)
     assert "Resuming from" in caplog.text and "(step 15)" in caplog.text
-    assert same_weights(final_weights(result), final_weights(uninterrupted))
-    assert loss_steps(result["train_dir"]) == expected_loss_steps()
+    assert same_weights(final_weights(result), final_weights(finished_run[1]))  # the same run, never interrupted
+    assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
 
 
 def test_truncated_newest_checkpoint_is_passed_over(
-    uninterrupted: dict, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("FASHION_FAULT", "train:50")
     # Truncate the newest checkpoint the moment the fault fires: the retry must fall back to the one before.
@@ -57,8 +51,8 @@ def test_truncated_newest_checkpoint_is_passed_over(
     result = run_tiny_flow(tmp_path / "truncated", synthetic_mirror)
     assert "Skipping unusable checkpoint" in caplog.text and "step-00000045.pt" in caplog.text
     assert "(step 40)" in caplog.text  # the epoch-end checkpoint before it
-    assert same_weights(final_weights(result), final_weights(uninterrupted))
-    assert loss_steps(result["train_dir"]) == expected_loss_steps()
+    assert same_weights(final_weights(result), final_weights(finished_run[1]))
+    assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
 
 
 def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> None:
@@ -82,11 +76,8 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     command = [sys.executable, str(FLOW_SCRIPT), *tiny_args(**settings), "--mirror", str(mirror)]
     process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list(work.glob("runs/*/train-*/checkpoints/step-00000600.pt")):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
+        wait_while_running(process, lambda: list(work.glob("runs/*/train-*/checkpoints/step-00000600.pt")),
+                           "the checkpoint at step 600 appeared", 120, interval=0.01)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -100,7 +91,7 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
     train_dir = next(work.glob("runs/*/train-*"))
     resumed = torch.load(train_dir / "model.pt", weights_only=True)["model"]
     assert same_weights(resumed, final_weights(reference))
-    assert loss_steps(train_dir) == expected_loss_steps(settings, train_size=4000)
+    assert loss_steps(train_dir.parent) == expected_loss_steps(settings, train_size=4000)
 
 
 def test_refreshed_training_that_fails_resumes_on_retry(
@@ -119,4 +110,4 @@ def test_last_partial_batch_and_a_figure_of_fewer_images(prefect_api_url: str, s
                            optimizer="adam", schedule="onecycle", lr=0.005)
     runs = load_runs(Path(result["train_dir"]).parent)
     assert scalar_steps(runs, training_run(runs), "training loss") == [27, 54]
-    assert [event.step for event in runs.Images(training_run(runs), "predictions vs. actuals")] == [27, 54]
+    assert image_steps(runs, training_run(runs), "predictions vs. actuals") == [27, 54]
