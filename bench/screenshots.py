@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from tasks.polling import wait_for
-from tasks.prefect_server import free_port
+from tasks.local_server import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

@@ -10,12 +10,13 @@ import gc
 import sys
 
 if __name__ == "__main__":
-    # First a bad option fails in a blink; then Prefect's temporary server boots while the heavy imports run.
+    # First a bad option fails in a blink; then the local Prefect server, where none runs yet, boots
+    # while the heavy imports run.
     from flows.command_line import parse_command_line
-    from tasks.prefect_server import start_temporary_server
+    from tasks import local_server
 
     if not parse_command_line(sys.argv[1:]).serve:
-        start_temporary_server()
+        local_server.start()
 
 from typing import Any
 
@@ -27,11 +28,11 @@ from flows.pipeline import run_stages
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
     Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
-    resolve_device,
 )
 from tasks.data import DatasetChecksumError, DatasetDownloadError, download_task
+from tasks.devices import resolve_device
 from tasks.lock import ExperimentBusyError, experiment_lock
-from tasks.prefect_server import TemporaryServerError, temporary_server_settings
+from tasks.local_server import LocalServerError, local_server_settings, wait_until_recorded
 from tasks.report import report_task
 
 DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
@@ -82,7 +83,7 @@ def fashion(
 
 
 def import_ahead(config: RunConfig) -> None:
-    """Import now, while Prefect's temporary server boots on the other core, what the run would import later."""
+    """Import now, while the local Prefect server may still be booting, what the run would import later."""
     import fastapi.encoders  # noqa: F401  (Prefect serialises a flow run's parameters with it)
     import prefect.flow_engine  # noqa: F401  (a flow run's first call imports Prefect's engines)
     import prefect.task_engine  # noqa: F401
@@ -113,14 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
         with experiment_lock(command.config.run_dir):
             import_ahead(command.config)
-            with temporary_server_settings():
-                result = fashion(**command.config.model_dump())
-    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError, TemporaryServerError) as error:
+            with local_server_settings() as server:
+                state = fashion(**command.config.model_dump(), return_state=True)
+                wait_until_recorded(state.state_details.flow_run_id)
+            result = state.result()
+    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError, LocalServerError) as error:
         print(f"fashion.py: error: {error}", file=sys.stderr)
         return 1
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")
+    if server:
+        print(f"Prefect UI: {server.ui_url}/runs/flow-run/{state.state_details.flow_run_id} "
+              f"(the local Prefect server; it stops after {server.idle_minutes} idle minutes)")
     return 0
 
 

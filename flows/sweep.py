@@ -28,9 +28,12 @@ from prefect_dask import DaskTaskRunner
 from flows.command_line import PRESETS
 from flows.command_line import build_parser as run_options
 from flows.pipeline import run_stages
-from tasks.config import ConfigError, RunConfig, is_url, parse_config, resolve_device
+from tasks.config import ConfigError, RunConfig, is_url, parse_config
 from tasks.data import download_task
+from tasks.devices import resolve_device
 from tasks.files import atomic_write_json
+from tasks import local_server
+from tasks.local_server import LocalServerError, local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
 
@@ -157,8 +160,8 @@ def local_runner(workers: int | None = None) -> DaskTaskRunner:
 def local_cluster(**options: Any) -> LocalCluster:
     """A LocalCluster whose workers report to this process's Prefect API.
 
-    Without PREFECT_API_URL, that is the temporary server this process started; told its address,
-    the workers use it instead of each starting a server of its own on the same database.
+    Without PREFECT_API_URL, that is the local server of this Prefect home (tasks/local_server.py);
+    told its address, the workers use it instead of each starting a server of its own.
     """
     api_url = get_client(sync_client=True).api_url
     return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
@@ -362,12 +365,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
     runner = task_runner(args.dask_address, args.workers or min(len(trials), os.cpu_count() or 1))
+    local_server.start()
     try:
-        summary = sweep.with_options(task_runner=runner)(
-            name=args.name, grid=args.grid, configurations=args.configurations, base=base,
-        )
+        with local_server_settings():
+            state = sweep.with_options(task_runner=runner)(
+                name=args.name, grid=args.grid, configurations=args.configurations, base=base, return_state=True,
+            )
+            wait_until_recorded(state.state_details.flow_run_id)
+        summary = state.result()
     except SweepFailed as error:
         print(f"sweep.py: {error}", file=sys.stderr)
+        return 1
+    except LocalServerError as error:
+        print(f"sweep.py: error: {error}", file=sys.stderr)
         return 1
     best = summary["best"]
     print(f"Best of {len(trials)}: {best['name']} (test accuracy {best[METRIC]:.4f}, run directory {best['run_dir']})")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from prefect import Task, task
@@ -17,6 +17,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 
+from tasks.cache_locks import FlockLockManager
 from tasks.files import digest_json, read_manifest, sha256_file
 
 # A stage's manifest path and the facts it records for given inputs: what tells a finished,
@@ -24,14 +25,15 @@ from tasks.files import digest_json, read_manifest, sha256_file
 StageOutput = tuple[Path, dict[str, Any]]
 
 
-def source_digest(*modules: ModuleType) -> str:
-    """Digest of the modules' code, blind to comments, docstrings and formatting.
+def source_digest(*modules: str) -> str:
+    """Digest of the named modules' code, blind to comments, docstrings and formatting.
 
     Editing a comment or a docstring leaves it unchanged, so such edits do not invalidate the cache.
+    The modules are read, not imported: a cached rerun never imports torch.
     """
     digest = hashlib.sha256()
     for module in modules:
-        tree = ast.parse(inspect.getsource(module))
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if isinstance(body, list) and body and _is_docstring(body[0]):
@@ -89,6 +91,7 @@ def stage_task(
     output: Callable[..., StageOutput],
     code: str,
     ignore: tuple[str, ...] = (),
+    serializable: bool = False,
     **options: Any,
 ) -> Task:
     """Wrap a stage's plain function as a Prefect task cached by StageCache.
@@ -100,9 +103,13 @@ def stage_task(
             facts it must record (see StageCache).
         code: `source_digest` of the modules whose code decides the output.
         ignore: inputs that cannot change the output (left out of the key).
+        serializable: one run at a time per cache key, across processes: concurrent runs that share
+            the output (experiments sharing a data folder) wait for the first and find it cached.
         options: further `@task` options (retries, retry_condition_fn, ...).
     """
     policy = StageCache(stage=name, code=code, output=output, ignore=ignore)
+    if serializable:
+        policy = policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager())
     return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True, **options)
 
 

@@ -1,13 +1,13 @@
-"""Training checkpoints (atomic, rotated, loaded safely) and the checkpoint stage that exports the model."""
+"""Training checkpoints (atomic, rotated, loaded safely) and the checkpoint stage that exports the model.
+
+torch is imported on the first save or load: a cached rerun, which only reads manifests, never imports it.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, BinaryIO
 
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.files import atomic_write, read_manifest, sha256_file, write_manifest
@@ -33,7 +33,7 @@ class CheckpointStore:
 
     def save(self, state: dict[str, Any]) -> Path:
         """Write `state` atomically, then drop all but the newest `keep` checkpoints."""
-        path = atomic_write(self.folder / f"step-{state['global_step']:08d}.pt", lambda stream: torch.save(state, stream))
+        path = atomic_write(self.folder / f"step-{state['global_step']:08d}.pt", lambda stream: _save(state, stream))
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -50,7 +50,7 @@ class CheckpointStore:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a training checkpoint as data only (`weights_only=True`: no code runs) and check its keys."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load(path)
     if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a training checkpoint: keys {found}")
@@ -79,14 +79,27 @@ def export_model(training: Path, refresh: bool = False) -> Path:
     final_name = json.loads(Path(training).read_text())["checkpoint"]
     final = load_checkpoint(Path(training).parent / final_name)
     exported = {key: final[key] for key in ("model", "optimizer", "model_args", "hyperparameters", "epoch", "global_step")}
-    model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: torch.save(exported, stream))
+    model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: _save(exported, stream))
     return write_manifest(manifest_path, [model_path], model="model.pt", global_step=final["global_step"], **facts)
 
 
 def load_model_file(model_manifest: Path) -> dict[str, Any]:
     """The exported model file named by `model_manifest`, loaded as data only."""
     facts = json.loads(Path(model_manifest).read_text())
-    return torch.load(Path(model_manifest).parent / facts["model"], map_location="cpu", weights_only=True)
+    return _load(Path(model_manifest).parent / facts["model"])
 
 
-checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=source_digest(sys.modules[__name__]))
+def _save(value: dict[str, Any], stream: BinaryIO) -> None:
+    import torch
+
+    torch.save(value, stream)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint or model file, as data only (`weights_only=True`: no code runs), onto the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=source_digest(__name__))

@@ -1,4 +1,4 @@
-"""Helper processes of a run (Prefect's temporary server, the figure process): modules of this project,
+"""Helper processes of a run (the figure process): modules of this project,
 each run in a Python process of its own that stops when the run does.
 
 Contract: call `start_child` from a thread that outlives the child. On Linux the child gets SIGTERM
@@ -24,14 +24,18 @@ BOOTSTRAP = ("import runpy, sys; sys.path.append(sys.argv.pop(1)); "
              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
+def module_command(module: str, *args: str) -> list[str]:
+    """The command that runs `module` of this project as `__main__` of a new Python process, with `args`."""
+    return [sys.executable, "-P", "-c", BOOTSTRAP, str(REPOSITORY), module, *args]
+
+
 def start_child(module: str, *args: str, **popen: Any) -> subprocess.Popen:
-    """Start `module` of this project as `__main__` of a new Python process; `popen` goes to subprocess.Popen.
+    """Start `module` of this project as a helper of this run; `popen` goes to subprocess.Popen.
 
     The child has a session of its own: a Ctrl-C in the terminal interrupts the run, which then stops
     its helpers in order, instead of interrupting every process at once.
     """
-    command = [sys.executable, "-P", "-c", BOOTSTRAP, str(REPOSITORY), module, str(os.getpid()), *args]
-    return subprocess.Popen(command, start_new_session=True, **popen)
+    return subprocess.Popen(module_command(module, str(os.getpid()), *args), start_new_session=True, **popen)
 
 
 def child_arguments() -> list[str]:

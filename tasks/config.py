@@ -145,24 +145,3 @@ def parse_config(values: dict) -> RunConfig:
         named = not field or isinstance(first["input"], dict) or repr(first["input"]) in message
         given = "" if named else f" (got {first['input']!r})"
         raise ConfigError(f"{flag}{message[:1].lower()}{message[1:]}{given}") from None
-
-
-def resolve_device(requested: str) -> str:
-    """Turn `auto` into the best device here, and refuse a device this machine lacks."""
-    import torch  # imported here so that validating parameters stays fast
-
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        index = int(requested.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: MPS is not available on this machine")
-    return requested

@@ -1,15 +1,18 @@
-"""Download stage: Fashion-MNIST through torchvision, md5-verified, decoded once into a uint8 tensor cache."""
+"""Download stage: Fashion-MNIST through torchvision, md5-verified, decoded once into a uint8 tensor cache.
+
+torch and torchvision are imported by the functions that use them: a cached rerun only reads the
+manifest, and never pays for importing them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
@@ -17,6 +20,9 @@ from prefect.tasks import exponential_backoff
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.config import is_url
 from tasks.files import atomic_write, digest_json, md5_file, read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 # torchvision's FashionMNIST.classes and .resources (a test checks that they agree), written out so
 # that a cached rerun, which only checks these, never pays for importing torchvision (seconds).
@@ -90,6 +96,8 @@ def download(data_dir: str, mirror: str | None = None, refresh: bool = False) ->
         if mirror and not is_url(mirror):
             _stage_verified_copies(Path(mirror), staged_raw, files, strict=True)
         _fetch_with_torchvision(Path(staging), files, mirror)
+        import torch
+
         cache_path = manifest_path.parent / f"fashion-mnist-{digest_json(files)[:12]}.pt"
         atomic_write(cache_path, lambda stream: torch.save(_decode(Path(staging)), stream))
         for name in files:  # publish the verified .gz files and their decoded IDX twins
@@ -151,6 +159,8 @@ def _decode(root: Path) -> dict[str, torch.Tensor]:
 
 def load_split(dataset_manifest: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The uint8 images (N, 28, 28) and int64 labels of `split` ('train' or 'test') from the decoded cache."""
+    import torch
+
     manifest = json.loads(Path(dataset_manifest).read_text())
     # weights_only: the cache is data, never code; mmap: pages are read only when used.
     tensors = torch.load(Path(dataset_manifest).parent / manifest["cache"], weights_only=True, mmap=True)
@@ -172,8 +182,9 @@ download_task = stage_task(
     download,
     name="download",
     output=dataset_output,
-    code=source_digest(sys.modules[__name__]),
+    code=source_digest(__name__),
     ignore=("mirror",),  # every source is md5-checked against the same list
+    serializable=True,  # experiments sharing a data folder download it once
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=_retry_download_errors,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.tensorboard import SummaryWriter
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def event_files(log_dir: Path, stage: str) -> list[Path]:
@@ -18,6 +20,8 @@ def event_files(log_dir: Path, stage: str) -> list[Path]:
 def replacing_writer(log_dir: Path, stage: str) -> Iterator[SummaryWriter]:
     """A SummaryWriter for `stage`; when it closes cleanly, the stage's older event files are removed,
     so TensorBoard shows each of its points once."""
+    from torch.utils.tensorboard import SummaryWriter  # here: torch is imported only by stages that write
+
     older = event_files(log_dir, stage)
     writer = SummaryWriter(str(log_dir), filename_suffix=f".{stage}")
     try:

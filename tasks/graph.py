@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
-import torch
-
-from tasks import model
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.events import event_files, replacing_writer
 from tasks.files import read_manifest, write_manifest
@@ -32,6 +28,10 @@ def log_graph(run_dir: str, refresh: bool = False) -> Path:
     manifest_path, facts = graph_output(run_dir)
     if not refresh and read_manifest(manifest_path, **facts):
         return manifest_path
+    import torch  # here, not at the top: a cached rerun never imports torch
+
+    from tasks import model
+
     net = model.build_model(model.MODEL_ARGS).eval()
     example = torch.zeros(4, 1, 28, 28)  # (B, 1, 28, 28): the trace needs shapes, not data
     with replacing_writer(Path(run_dir), "graph") as writer, warnings.catch_warnings():
@@ -41,5 +41,5 @@ def log_graph(run_dir: str, refresh: bool = False) -> Path:
     return write_manifest(manifest_path, event_files(Path(run_dir), "graph"), **facts)
 
 
-GRAPH_CODE = source_digest(model, sys.modules[__name__])
+GRAPH_CODE = source_digest("tasks.model", __name__)
 graph_task = stage_task(log_graph, name="graph", output=graph_output, code=GRAPH_CODE)

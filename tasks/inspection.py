@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-import torch
 
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.data import CLASSES, fingerprint, load_split
@@ -36,7 +33,8 @@ def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = Fals
     manifest_path, facts = inspection_output(dataset, run_dir, seed)
     if not refresh and read_manifest(manifest_path, **facts):
         return manifest_path
-    from torchvision.utils import make_grid  # here, not at the top: importing torchvision takes seconds
+    import torch  # here, not at the top: a cached rerun never imports torch or torchvision
+    from torchvision.utils import make_grid
 
     images, labels = load_split(dataset, "train")  # uint8 (N, 28, 28), (N,)
     generator = torch.Generator().manual_seed(seed)
@@ -56,5 +54,5 @@ def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = Fals
     return write_manifest(manifest_path, files, grid_indices=four.tolist(), embedding_size=len(sample), **facts)
 
 
-INSPECTION_CODE = source_digest(sys.modules[__name__])
+INSPECTION_CODE = source_digest(__name__)
 inspect_task = stage_task(inspect_dataset, name="inspect", output=inspection_output, code=INSPECTION_CODE)

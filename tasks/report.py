@@ -11,12 +11,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from torch.utils.tensorboard.summary import hparams
 
 from tasks.config import RunConfig
 from tasks.data import CLASSES
-from tasks.events import replacing_writer
-from tasks.files import atomic_write, atomic_write_json
+from tasks.events import event_files, replacing_writer
+from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest
 
 HPARAM_FIELDS = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "seed")
 HPARAM_METRICS = ("test_accuracy", "mean_ap")
@@ -48,15 +47,26 @@ def report(config: RunConfig, device: str, evaluation: Path, stages: dict[str, s
 
 
 def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics: dict[str, Any]) -> None:
-    """HPARAMS in the training's own run (not add_hparams' timestamped subfolder) and the whole config as TEXT."""
+    """HPARAMS in the training's own run (not add_hparams' timestamped subfolder) and the whole config as TEXT.
+
+    Written again only when something they show has changed: a cached rerun imports no torch for them.
+    """
     values = {name: getattr(config, name) for name in HPARAM_FIELDS} | {"device": device}
     results = {f"hparam/{name}": metrics[name] for name in HPARAM_METRICS}
+    text = "```json\n" + json.dumps(config.model_dump(), indent=2) + "\n```"
+    manifest_path = train_dir / "report.json"
+    facts = {"inputs": digest_json([values, results, text, metrics["global_step"]])}
+    if read_manifest(manifest_path, **facts):
+        return
+    from torch.utils.tensorboard.summary import hparams
+
     with replacing_writer(train_dir, "report") as writer:
         for summary in hparams(values, results):  # experiment, session start, session end
             writer.file_writer.add_summary(summary)
         for tag, value in results.items():
             writer.add_scalar(tag, value, metrics["global_step"])
-        writer.add_text("config", "```json\n" + json.dumps(config.model_dump(), indent=2) + "\n```", metrics["global_step"])
+        writer.add_text("config", text, metrics["global_step"])
+    write_manifest(manifest_path, event_files(train_dir, "report"), **facts)
 
 
 def publish_artifacts(config: RunConfig, result: dict[str, Any]) -> None:

@@ -133,3 +133,17 @@ def same_weights(first: dict, second: dict) -> bool:
     import torch
 
     return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def stop_local_server(home: Path) -> None:
+    """Stop the local Prefect server that runs for Prefect home `home`, if one does."""
+    import json
+
+    import psutil
+
+    try:
+        server = psutil.Process(json.loads((home / "server.json").read_text())["pid"])
+        server.terminate()
+        server.wait(timeout=30)
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        pass

@@ -31,7 +31,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.schedule import DEPLOYMENT, deployment_schedule, deployment_spec
 from tasks.config import STAGES
 from tasks.polling import wait_for
-from tasks.prefect_server import free_port
+from tasks.local_server import free_port
 from tests.conftest import FLOW_SCRIPT, REPO, TINY, expected_loss_steps
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 

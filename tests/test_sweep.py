@@ -10,7 +10,7 @@ import pytest
 
 from flows.sweep import main, plan
 from tasks.data import download
-from tasks.prefect_server import free_port
+from tasks.local_server import free_port
 from tasks.train import Hyperparameters, train_task, training_dir
 from tests.conftest import TINY, final_weights, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs

@@ -1,0 +1,60 @@
+"""Which device a run trains on: `auto` resolved, a missing device refused, without importing torch where it can."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+from tasks.config import ConfigError
+
+
+def device_type(device: str) -> str:
+    """The kind of a device name: "cuda" for "cuda:1", "cpu" for "cpu"."""
+    return device.partition(":")[0]
+
+
+def resolve_device(requested: str) -> str:
+    """Turn `auto` into the best device here, and refuse a device this machine lacks.
+
+    A machine whose CUDA driver shows no device and that is not a Mac answers without importing torch
+    (a second or more), so that a cached rerun on the CPU never imports it.
+    """
+    kind = device_type(requested)
+    if kind == "cpu" or (kind in ("auto", "cuda") and not _cuda_driver_devices() and sys.platform != "darwin"):
+        if kind == "cuda":
+            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+        return "cpu"
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine")
+    return requested
+
+
+@functools.cache
+def _cuda_driver_devices() -> int:
+    """CUDA devices the driver shows this process (CUDA_VISIBLE_DEVICES applied); 0 without a driver.
+
+    torch sees no more devices than the driver does, so 0 here settles that CUDA is unavailable.
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value

@@ -1,0 +1,108 @@
+"""Evaluation on the test set: class probabilities, metrics, PR curves and the figures, in TensorBoard and as PNGs."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks import batches, model
+from tasks.data import CLASSES
+from tasks.events import read_scalars, replacing_writer
+from tasks.figures import confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure
+from tasks.files import atomic_write
+from tasks.progress import StepProgress
+from tasks.train import LOSS_TAG
+
+EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
+CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
+
+
+def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Tensor, labels: torch.Tensor) -> list[Path]:
+    """Log the PR curves and figures to TensorBoard; save the confusion matrix, per-class accuracy and summary as PNGs.
+
+    Args:
+        out: the training's folder (its TensorBoard run).
+        metrics: what `score` returned, with the training's `global_step`.
+        probabilities: (N, C) test-set class probabilities.
+        labels: (N,) true classes.
+
+    Returns:
+        The PNG files written.
+    """
+    step = metrics["global_step"]
+    confusion = np.array(metrics["confusion_matrix"])
+    by_tag = {CONFUSION_TAG: confusion_figure(confusion, CLASSES),
+              CLASS_ACCURACY_TAG: per_class_accuracy_figure(metrics["per_class_accuracy"])}
+    curves = {name: tuple(curve.numpy() for curve in precision_recall(probabilities[:, index], labels == index))
+              for index, name in enumerate(CLASSES)}
+    summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
+                             f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
+    drawn = {tag: pixels(figure) for tag, figure in by_tag.items()}  # each (H, W, 3), drawn once
+    pictures = [save_png(rgb, out / f"{tag.replace(' ', '_')}.png") for tag, rgb in drawn.items()]
+    pictures.append(save_png(pixels(summary), out / "summary.png"))
+    with replacing_writer(out, "evaluate") as writer:
+        for index, name in enumerate(CLASSES):
+            writer.add_pr_curve(name, labels == index, probabilities[:, index], global_step=step)
+        for tag, rgb in drawn.items():
+            writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+    return pictures
+
+
+def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (N, C) of the exported model on uint8 images (N, 28, 28), on the CPU."""
+    net = model.build_model(exported["model_args"])
+    net.load_state_dict(exported["model"])
+    net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
+    torch.set_num_threads(batches.cpu_threads(EVAL_BATCH))
+    chunks = images.split(EVAL_BATCH)
+    probabilities = []
+    with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
+        for chunk in chunks:
+            probabilities.append(torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1))  # (B, C)
+            progress.advance()
+    return torch.cat(probabilities)
+
+
+def score(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Test accuracy; per class AP, precision and recall (per-class accuracy is the recall, under the name
+    people look for); the confusion matrix (true class by row)."""
+    predicted = probabilities.argmax(dim=1)
+    classes = probabilities.shape[1]
+    confusion = torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    true_positives = confusion.diag().float()
+    recall = true_positives / confusion.sum(dim=1).clamp(min=1)
+    precision = true_positives / confusion.sum(dim=0).clamp(min=1)
+    ap = {name: average_precision(probabilities[:, index], labels == index) for index, name in enumerate(CLASSES)}
+    return {
+        "test_accuracy": (predicted == labels).float().mean().item(),
+        "per_class_ap": ap,
+        "mean_ap": sum(ap.values()) / len(ap),
+        "per_class_accuracy": dict(zip(CLASSES, recall.tolist())),  # of a class's images, the share predicted right
+        "per_class_precision": dict(zip(CLASSES, precision.tolist())),
+        "per_class_recall": dict(zip(CLASSES, recall.tolist())),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def precision_recall(scores: torch.Tensor, positives: torch.Tensor, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precision and recall at `points` thresholds along the ranking by score (for plotting)."""
+    hits = positives[scores.argsort(descending=True)].float()  # (N,)
+    ranks = torch.linspace(1, len(hits), points).long()  # (points,) cut-offs: the top-k predictions
+    found = hits.cumsum(0)[ranks - 1]
+    return found / ranks, found / hits.sum().clamp(min=1)
+
+
+def save_png(rgb: np.ndarray, path: Path) -> Path:
+    """Write RGB (H, W, 3) pixels to a PNG file, atomically."""
+    return atomic_write(path, lambda stream: stream.write(png_bytes(rgb)))
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the precision-recall curve as a step function: mean precision at each positive's rank."""
+    hits = positives[scores.argsort(descending=True)].float()  # (N,) 1 where the k-th highest score is a positive
+    precision_at_rank = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision_at_rank * hits).sum() / hits.sum().clamp(min=1))
