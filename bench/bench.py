@@ -3,10 +3,10 @@
     python bench/bench.py [--device cuda] [--keep] [--skip-tutorial]
 
 Runs (a) the flow with the tutorial's settings, from a fresh Prefect home and data folder (its
-temporary Prefect server started on the way, as a user's first run does), (a') the same in new runs and
-data folders, Prefect's database now existing, (b) bench/tutorial.py, (c) bench/bare_loop.py and (d) the
-flow again with (a)'s arguments (all stages cached). Reads only
-the local mirror folder; downloads nothing. Prints a table and the issue's ratios with their targets;
+local Prefect server started on the way, as a user's first run does), (a') the same in new runs and
+data folders, the server now running, (b) bench/tutorial.py, (c) bench/bare_loop.py, and (d) the flow
+again with (a)'s arguments (all stages cached) alternating with `python -c "import prefect"`, four
+times each, side by side. Reads only the local mirror folder; downloads nothing. Prints a table and the issue's ratios with their targets;
 exits 0 when all targets pass, 1 when one fails, 2 when a run fails.
 """
 
@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil  # and no torch: a child's ru_maxrss starts at this process' RSS when forked, so this one stays small
@@ -34,12 +34,14 @@ DEFAULT_MIRROR = REPO.parent / "shared" / "data" / "fashion-mnist"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 SAMPLE_SECONDS = 0.05
+REPEATS = 4  # cached reruns and `import prefect` runs, alternating: their medians are compared
 MIB = 1 << 20
 LEGEND = f"""\
 wall: the whole command, start to exit. train: the training loop's own clock (flow: training.json 'seconds').
 tree peak RSS: the most the process and all its descendants held at once, RSS summed over the tree and sampled
   every {SAMPLE_SECONDS * 1000:.0f} ms, and never less than the main process peak (samples can miss a short peak).
-  The flow's tree includes its temporary Prefect server; a page shared by processes counts in each.
+  The first flow run's tree includes the local Prefect server it starts; a page shared by processes counts in each.
+flow, cached and import prefect: medians of {REPEATS} runs, alternating.
 main process peak RSS: ru_maxrss from os.wait4, kept by the kernel: the main process' own peak, or that of a
   descendant it reaped if larger (a maximum, never a sum)."""
 # Variables that would point the runs elsewhere than a fresh user's first run: another Prefect server
@@ -58,7 +60,7 @@ class Measurement:
     name: str
     wall_seconds: float
     train_seconds: float | None
-    test_accuracy: float
+    test_accuracy: float | None
     tree_peak_rss: int  # bytes: the most the process and all its descendants held together (sampled; >= the next)
     process_peak_rss: int  # bytes: ru_maxrss from wait4, the main process' peak (or a reaped descendant's, if larger)
     note: str = ""
@@ -141,7 +143,7 @@ def prepare_raw(mirror: Path, data_dir: Path, extract: bool) -> Path:
 def run_env(prefect_home: Path) -> dict[str, str]:
     """This environment minus foreign settings, plus a private Prefect home and no telemetry.
 
-    No PREFECT_API_URL: the flow starts Prefect's temporary local server, as on a user's first run.
+    No PREFECT_API_URL: the first flow run starts the home's local Prefect server, as on a user's first run.
     """
     env = {name: value for name, value in os.environ.items() if not name.startswith(FOREIGN_ENV)}
     return env | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -194,7 +196,6 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Measurement]:
         ("bare loop", lambda name: measure_script(name, "bench/bare_loop.py", [
             "--data-dir", str(prepare_raw(args.mirror, work / "bare-data", extract=True)),
             "--seed", "0", "--device", args.device], env, logs)),
-        ("flow, cached", lambda name: measure_flow(name, first_args, env, runs, logs)),
     ]
     results = {}
     for name, measure in steps:
@@ -202,7 +203,27 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Measurement]:
             continue
         results[name] = measure(name)
         print(f"{name}: {results[name].wall_seconds:.1f} s", flush=True)
+    results |= cached_versus_import(first_args, env, runs, logs)
     return results
+
+
+def cached_versus_import(args: list[str], env: dict[str, str], runs_dir: Path, logs: Path) -> dict[str, Measurement]:
+    """The cached rerun and `python -c "import prefect"`, alternating REPEATS times: each one's median run."""
+    cached, imported = [], []
+    for repeat in range(1, REPEATS + 1):
+        cached.append(measure_flow(f"flow, cached {repeat}", args, env, runs_dir, logs))
+        wall, tree, process_peak, _ = run_measured(f"import prefect {repeat}", [sys.executable, "-c", "import prefect"],
+                                                   env, logs)
+        imported.append(Measurement("import prefect", wall, None, None, tree, process_peak))
+    medians = {"flow, cached": median(cached), "import prefect": median(imported)}
+    for name, measurement in medians.items():
+        print(f"{name}: {measurement.wall_seconds:.2f} s (median of {REPEATS})", flush=True)
+    return {name: replace(measurement, name=name) for name, measurement in medians.items()}
+
+
+def median(measurements: list[Measurement]) -> Measurement:
+    """The run of median wall time (the upper one of an even count)."""
+    return sorted(measurements, key=lambda measurement: measurement.wall_seconds)[len(measurements) // 2]
 
 
 def print_table(results: dict[str, Measurement]) -> None:
@@ -210,7 +231,8 @@ def print_table(results: dict[str, Measurement]) -> None:
     for m in results.values():
         train = f"{m.train_seconds:.1f}" if m.train_seconds is not None else "-"
         rows.append((m.name, f"{m.wall_seconds:.1f}", train, f"{m.tree_peak_rss / MIB:.0f}",
-                     f"{m.process_peak_rss / MIB:.0f}", f"{m.test_accuracy:.4f}", m.note))
+                     f"{m.process_peak_rss / MIB:.0f}", "-" if m.test_accuracy is None else f"{m.test_accuracy:.4f}",
+                     m.note))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -236,6 +258,8 @@ def ratios(results: dict[str, Measurement]) -> list[tuple[str, float | None, str
          "<= 1.00", lambda v: v <= 1.0),
         ("cached rerun wall / first flow wall", cached.wall_seconds / flow.wall_seconds,
          "<= 0.25", lambda v: v <= 0.25),
+        ("cached rerun wall / `import prefect` wall", cached.wall_seconds / results["import prefect"].wall_seconds,
+         "<= 1.50", lambda v: v <= 1.5),
         ("test accuracy, flow - tutorial", versus_tutorial(lambda t: flow.test_accuracy - t.test_accuracy),
          "within +-0.01", lambda v: abs(v) <= 0.01),
     ]
@@ -252,6 +276,12 @@ def print_ratios(results: dict[str, Measurement]) -> bool:
         passed &= ok
         print(f"{label:45} {value:8.3f}  {target:14} {'PASS' if ok else 'FAIL'}")
     return passed
+
+
+def stop_local_server(home: Path) -> None:
+    """Stop the local Prefect server the runs started in `home`, instead of leaving it to stop when idle."""
+    subprocess.run([sys.executable, "-m", "tasks.local_server", "stop"], cwd=REPO, env=run_env(home),
+                   capture_output=True, timeout=60)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -275,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.py: {error}", file=sys.stderr)
         return 2
     finally:
+        stop_local_server(work / "prefect-home")
         if args.keep:
             print(f"Kept: {work}")
         else:

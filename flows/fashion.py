@@ -29,10 +29,11 @@ from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
     Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
 )
-from tasks.data import DatasetChecksumError, DatasetDownloadError, download_task
+from tasks.data import download_task
 from tasks.devices import resolve_device
-from tasks.lock import ExperimentBusyError, experiment_lock
-from tasks.local_server import LocalServerError, local_server_settings, wait_until_recorded
+from tasks.failures import ending_the_run, exit_status, one_line, quiet_known_failures
+from tasks.local_server import local_server_settings, wait_until_recorded
+from tasks.lock import experiment_lock
 from tasks.report import report_task
 
 DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
@@ -73,13 +74,15 @@ def fashion(
     refresh: Refresh = DEFAULTS.refresh,
 ) -> dict[str, Any]:
     """Download, inspect, log the graph, train, checkpoint, evaluate and report; returns the test metrics."""
-    config = parse_config(locals())
-    resolved_device = resolve_device(config.device)
-    with experiment_lock(config.run_dir):
-        stage = Stages(config.refresh)
-        dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source)
-        done = run_stages(stage, config, resolved_device, dataset)
-        return report_task(config, resolved_device, done["evaluate"], stage.states)
+    parameters = locals()
+    with ending_the_run():  # a failure is one line; a permanent one is not retried
+        config = parse_config(parameters)
+        resolved_device = resolve_device(config.device)
+        with experiment_lock(config.run_dir):
+            stage = Stages(config.refresh)
+            dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source)
+            done = run_stages(stage, config, resolved_device, dataset)
+            return report_task(config, resolved_device, done["evaluate"], stage.states)
 
 
 def import_ahead(config: RunConfig) -> None:
@@ -94,7 +97,10 @@ def import_ahead(config: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the flow once (or serve it) as the command line asks; bad parameters exit with status 2."""
+    """Run the flow once (or serve it) as the command line asks.
+
+    A failed run ends with one line on stderr; the exit status is 2 for a bad parameter, 1 otherwise.
+    """
     command = parse_command_line(sys.argv[1:] if argv is None else argv)
     try:
         resolve_device(command.config.device)
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                              "and set PREFECT_API_URL"))
         serve_on_schedule(fashion, command.config.model_dump())
         return 0
+    quiet_known_failures()
     try:
         # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
         with experiment_lock(command.config.run_dir):
@@ -118,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 state = fashion(**command.config.model_dump(), return_state=True)
                 wait_until_recorded(state.state_details.flow_run_id)
             result = state.result()
-    except (ExperimentBusyError, DatasetChecksumError, DatasetDownloadError, LocalServerError) as error:
-        print(f"fashion.py: error: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)
+        print(f"fashion.py: error: {one_line(error)}", file=sys.stderr)
+        return exit_status(error)
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

@@ -33,7 +33,8 @@ from tasks.data import download_task
 from tasks.devices import resolve_device
 from tasks.files import atomic_write_json
 from tasks import local_server
-from tasks.local_server import LocalServerError, local_server_settings, wait_until_recorded
+from tasks.failures import exit_status, one_line, quiet_known_failures
+from tasks.local_server import local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
 
@@ -267,14 +268,14 @@ def stage_states(dataset: PrefectFuture, futures: dict[str, PrefectFuture]) -> d
 
 
 def cause(future: PrefectFuture) -> str:
-    """Why a stage did not complete, as one line: its exception `Type: message`, else its state's message."""
+    """Why a stage did not complete, as one line: its exception's (tasks/failures.py), else its state's message."""
     state = future.state
     if state.is_final():
         error = state.result(raise_on_failure=False)
     else:  # the Dask worker running it was lost, so the task run never reached a final state
         error = future.wrapped_future.exception()
     if isinstance(error, BaseException):
-        return " ".join(f"{type(error).__name__}: {error}".split())
+        return one_line(error)
     return state.message or state.name
 
 
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runner = task_runner(args.dask_address, args.workers or min(len(trials), os.cpu_count() or 1))
     local_server.start()
+    quiet_known_failures()
     try:
         with local_server_settings():
             state = sweep.with_options(task_runner=runner)(
@@ -376,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepFailed as error:
         print(f"sweep.py: {error}", file=sys.stderr)
         return 1
-    except LocalServerError as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)
+        print(f"sweep.py: error: {one_line(error)}", file=sys.stderr)
+        return exit_status(error)
     best = summary["best"]
     print(f"Best of {len(trials)}: {best['name']} (test accuracy {best[METRIC]:.4f}, run directory {best['run_dir']})")
     print(f"Comparison: {Path(summary['runs_dir']) / args.name / 'sweep.json'}")

@@ -18,6 +18,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 
 from tasks.cache_locks import FlockLockManager
+from tasks.failures import retry_transient
 from tasks.files import digest_json, read_manifest, sha256_file
 
 # A stage's manifest path and the facts it records for given inputs: what tells a finished,
@@ -105,12 +106,14 @@ def stage_task(
         ignore: inputs that cannot change the output (left out of the key).
         serializable: one run at a time per cache key, across processes: concurrent runs that share
             the output (experiments sharing a data folder) wait for the first and find it cached.
-        options: further `@task` options (retries, retry_condition_fn, ...).
+        options: further `@task` options (retries, retry_delay_seconds, ...); retries are for
+            transient failures only (tasks/failures.py).
     """
     policy = StageCache(stage=name, code=code, output=output, ignore=ignore)
     if serializable:
         policy = policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager())
-    return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True, **options)
+    return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True,
+                retry_condition_fn=retry_transient, **options)
 
 
 def _refresh_first_attempt_only(fn: Callable[..., Path]) -> Callable[..., Path]:

@@ -5,12 +5,14 @@ torch is imported on the first save or load: a cached rerun, which only reads ma
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from tasks.caching import StageOutput, source_digest, stage_task
-from tasks.files import atomic_write, read_manifest, sha256_file, write_manifest
+from tasks.files import atomic_write, nearest_existing, read_manifest, sha256_file, write_manifest
 from tasks.log import stage_logger
 
 # `epoch` is the epoch in progress and `batches_done` how many of its batches are done;
@@ -37,6 +39,17 @@ class CheckpointStore:
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def warn_if_short_of_space(self, state: dict[str, Any]) -> None:
+        """Warn when the folder has less free space than checkpoints like `state` need: the `keep` newest,
+        the one being written and the exported model.pt. A warning, not a refusal: space may be freed meanwhile."""
+        size = len(_serialised(state))
+        needed = (self.keep + 2) * size
+        free = shutil.disk_usage(nearest_existing(self.folder)).free
+        if free < needed:
+            stage_logger().warning("%s has %.1f MB free, less than the %.1f MB this training's checkpoints need: "
+                                   "it will stop when the disk is full (and resume once space is freed)",
+                                   self.folder, free / 1e6, needed / 1e6)
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that loads and has the expected keys; broken ones are passed over with a warning."""
@@ -93,6 +106,12 @@ def _save(value: dict[str, Any], stream: BinaryIO) -> None:
     import torch
 
     torch.save(value, stream)
+
+
+def _serialised(value: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    _save(value, buffer)
+    return buffer.getvalue()
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import unicodedata
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.files import nearest_existing
 
 STAGES = ("download", "inspect", "graph", "train", "checkpoint", "evaluate")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -67,6 +70,12 @@ class RunConfig(BaseModel):
     @field_validator("experiment")
     @classmethod
     def _stays_inside_runs_dir(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError(f"{name!r} is blank; give the run directory a name")
+        if name != name.strip():
+            raise ValueError(f"{name!r} starts or ends with whitespace, which shells and folders hide")
+        if any(unicodedata.category(character) == "Cc" for character in name):
+            raise ValueError(f"{name!r} holds control characters")
         parts = Path(name).parts
         if Path(name).is_absolute() or ".." in parts or not parts or name.startswith("~"):
             raise ValueError(f"{name!r} must be a relative name inside the runs dir, without '..'")
@@ -101,6 +110,12 @@ class RunConfig(BaseModel):
         for flag, folder in (("--data-dir", self.data_dir), ("--runs-dir", self.runs_dir)):
             if Path(folder).exists() and not Path(folder).is_dir():
                 raise ValueError(f"{flag} {folder!r} is a file, not a folder")
+            if problem := _unwritable(Path(folder)):
+                raise ValueError(f"{flag} {folder!r} {problem}")
+        limit = _name_limit(nearest_existing(Path(self.runs_dir)))
+        if longest := max((part for part in Path(self.experiment).parts if len(part.encode()) > limit), default=None):
+            raise ValueError(f"--experiment: {longest[:20]!r}... is {len(longest.encode())} bytes long, more than a "
+                             f"file name may be here ({limit}); choose a shorter name")
         run = Path(self.experiment)
         if any((Path(self.runs_dir) / run.parents[i]).is_file() for i in range(len(run.parents))):
             raise ValueError(f"--experiment {self.experiment!r} would put the run directory below a file")
@@ -115,6 +130,25 @@ class RunConfig(BaseModel):
     def source(self) -> str | None:
         """Where the dataset comes from: --mirror, else env FASHION_MNIST_MIRROR, else the official mirrors."""
         return self.mirror or os.environ.get("FASHION_MNIST_MIRROR") or None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why this process cannot write into `folder` (or create it), as the end of a sentence; None if it can."""
+    nearest = nearest_existing(folder)
+    if os.access(nearest, os.W_OK | os.X_OK):
+        return None
+    read_only = bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
+    reason = "is on a read-only file system" if read_only else "is not writable by this user"
+    where = "" if nearest == folder.absolute() else f"cannot be created: {str(nearest)!r} "
+    return f"{where}{reason}; choose another folder"
+
+
+def _name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` allows."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def is_url(mirror: str) -> bool:

@@ -13,12 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect import Task
-from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.config import is_url
+from tasks.failures import PermanentError, TransientError
 from tasks.files import atomic_write, digest_json, md5_file, read_manifest, write_manifest
 
 if TYPE_CHECKING:
@@ -38,11 +37,11 @@ OFFICIAL_FILES: dict[str, str] = {
 CHECKSUMS_ENV = "FASHION_MNIST_CHECKSUMS"
 
 
-class DatasetChecksumError(RuntimeError):
+class DatasetChecksumError(PermanentError):
     """A dataset file whose md5 is wrong or that is missing from a local mirror: retrying cannot help."""
 
 
-class DatasetDownloadError(RuntimeError):
+class DatasetDownloadError(TransientError):
     """A download that failed on the way (network, HTTP): worth retrying."""
 
 
@@ -116,13 +115,14 @@ def _stage_verified_copies(source: Path, staged_raw: Path, files: dict[str, str]
         candidate = source / name
         if not candidate.is_file():
             if strict:
-                raise DatasetChecksumError(f"mirror folder {source} has no {name}")
+                raise DatasetChecksumError(f"mirror folder {source} has no {name}: put the official file there")
             continue
         actual = md5_file(candidate)
         if actual == md5:
             shutil.copyfile(candidate, staged_raw / name)
         elif strict:
-            raise DatasetChecksumError(f"{candidate}: md5 {actual} does not match the expected {md5}")
+            raise DatasetChecksumError(f"{candidate}: md5 {actual} does not match the expected {md5}: "
+                                       "replace it with the official file")
 
 
 def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | None) -> None:
@@ -138,7 +138,8 @@ def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | Non
         raw = root / "FashionMNIST" / "raw"
         for name, md5 in files.items():
             if (raw / name).is_file() and (actual := md5_file(raw / name)) != md5:
-                raise DatasetChecksumError(f"{mirrors[0]}{name}: md5 {actual} does not match the expected {md5}") from None
+                raise DatasetChecksumError(f"{mirrors[0]}{name}: md5 {actual} does not match the expected {md5}: "
+                                           "the mirror serves another file; use another mirror") from None
         reason = " ".join(str(error).split())
         raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {reason}") from error
 
@@ -167,17 +168,6 @@ def load_split(dataset_manifest: Path, split: str) -> tuple[torch.Tensor, torch.
     return tensors[f"{split}_images"], tensors[f"{split}_labels"]
 
 
-def _retry_download_errors(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry what a retry can mend (the network, the mirror); an md5 mismatch or a bad setting fails at once."""
-    try:
-        state.result()
-    except DatasetDownloadError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
 download_task = stage_task(
     download,
     name="download",
@@ -187,5 +177,4 @@ download_task = stage_task(
     serializable=True,  # experiments sharing a data folder download it once
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_download_errors,
 )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tasks.files import naming
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -19,15 +22,22 @@ def event_files(log_dir: Path, stage: str) -> list[Path]:
 @contextmanager
 def replacing_writer(log_dir: Path, stage: str) -> Iterator[SummaryWriter]:
     """A SummaryWriter for `stage`; when it closes cleanly, the stage's older event files are removed,
-    so TensorBoard shows each of its points once."""
+    so TensorBoard shows each of its points once. When it fails (a full disk, say), its own file is
+    removed instead: no half-written events sit beside the stage's last complete ones."""
     from torch.utils.tensorboard import SummaryWriter  # here: torch is imported only by stages that write
 
     older = event_files(log_dir, stage)
-    writer = SummaryWriter(str(log_dir), filename_suffix=f".{stage}")
     try:
-        yield writer
-    finally:
-        writer.close()
+        with naming(Path(log_dir)):  # TensorBoard's writer says which error, not where
+            writer = SummaryWriter(str(log_dir), filename_suffix=f".{stage}")
+            try:
+                yield writer
+            finally:
+                writer.close()
+    except BaseException:
+        for path in set(event_files(log_dir, stage)) - set(older):
+            path.unlink(missing_ok=True)
+        raise
     for path in older:
         path.unlink(missing_ok=True)
 
@@ -37,7 +47,13 @@ def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     accumulator = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0})  # 0: keep every event
-    accumulator.Reload()
+    tensorboard_logger = logging.getLogger("tensorboard")
+    level = tensorboard_logger.level
+    tensorboard_logger.setLevel(logging.ERROR)  # its warning on purged steps: a resumed training, as intended
+    try:
+        accumulator.Reload()
+    finally:
+        tensorboard_logger.setLevel(level)
     if tag not in accumulator.Tags()[SCALARS]:
         return []
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]

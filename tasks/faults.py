@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import os
 
+from tasks.failures import TransientError
+
 FAULT_ENV = "FASHION_FAULT"
 _fired: set[str] = set()
 
 
-class InjectedFault(RuntimeError):
+class InjectedFault(TransientError):
     """The failure asked for by FASHION_FAULT."""
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from tasks.child_process import child_arguments, start_child
+from tasks.failures import TransientError
 
 if TYPE_CHECKING:  # the child process runs this module too: it imports no torch
     import numpy as np
@@ -86,8 +87,8 @@ class FigureWorker:
         step, wall_time = self.pending.popleft()
         self.writer._get_file_writer().add_summary(summary, step, wall_time)  # as add_image writes it
 
-    def _died(self) -> RuntimeError:
-        return RuntimeError(f"the figure process exited with status {self.process.wait()}; see its output above")
+    def _died(self) -> TransientError:
+        return TransientError(f"the figure process exited with status {self.process.wait()}; see its output above")
 
 
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:

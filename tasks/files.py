@@ -6,13 +6,21 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder` (made absolute) if it exists, else its nearest existing parent."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
@@ -38,21 +46,57 @@ def digest_json(value: Any) -> str:
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through `write(stream)` into a temporary sibling, fsync it, then rename it over `path`.
 
-    A reader, or a run killed half-way, sees either the old file or the whole new one.
+    A reader, or a run killed half-way, sees either the old file or the whole new one. An OSError
+    (a full disk, say) names `path`.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+            with os.fdopen(handle, "wb") as stream:
+                recording = _RecordingStream(stream)
+                try:
+                    write(recording)  # type: ignore[arg-type]  (a stream's write and flush)
+                except Exception:
+                    if recording.error is not None:  # torch.save, say, reports its stream's OSError as RuntimeError
+                        raise recording.error from None
+                    raise
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
     return path
+
+
+class _RecordingStream:
+    """A binary stream's write and flush, keeping the OSError they raise for the caller to see."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream, self.error = stream, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Within the block, an OSError that names no file (a write, an fsync) names `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def atomic_write_json(path: Path, value: Any) -> Path:

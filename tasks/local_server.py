@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tasks.child_process import module_command
+from tasks.failures import PermanentError
 from tasks.polling import wait_for
 
 TESTED_PREFECT = "3.9"  # the Prefect minor release whose internals this module uses; pinned in pyproject.toml
@@ -70,7 +71,7 @@ SERVICE_DEFAULTS = {
 CREATE_APP_PARAMETERS = ("settings", "ephemeral", "webserver_only", "final", "ignore_cache")
 
 
-class LocalServerError(RuntimeError):
+class LocalServerError(PermanentError):
     """The local Prefect server cannot be used; the message says why and what to do, in one line."""
 
 

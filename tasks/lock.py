@@ -7,9 +7,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
+
+from tasks.failures import PermanentError
+from tasks.files import nearest_existing
 
 
-class ExperimentBusyError(RuntimeError):
+class ExperimentBusyError(PermanentError):
     """Another run holds the experiment's lock."""
 
 
@@ -21,7 +25,9 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
     """Hold `<run_dir>/.lock` for the duration; refuse at once if another process holds it.
 
     The operating system drops the lock when its holder exits, even on SIGKILL, so no stale lock
-    survives. Within one process the lock nests (the command line and the flow both take it).
+    survives. Within one process the lock nests (the command line and the flow both take it). A run
+    that leaves nothing in the run directory (refused, or failed before its first output) removes
+    the lock file and the folders it created for it.
 
     Args:
         run_dir: the experiment's run directory (created if missing).
@@ -30,16 +36,13 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
     if key in _held:
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise ExperimentBusyError(
-                f"experiment {run_dir} is in use by another run (pid {holder}); wait for it or choose another --experiment"
-            ) from None
+    existing = nearest_existing(Path(run_dir))
+    created = [folder for folder in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents)
+               if folder != existing and existing in folder.parents]  # deepest first
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    lock_path = Path(run_dir) / ".lock"
+    handle = _locked(lock_path)
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -49,4 +52,35 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             _held.discard(key)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if [path.name for path in Path(run_dir).iterdir()] == [".lock"]:
+                lock_path.unlink()  # while still locked: a run that opened it meanwhile sees it gone, and retries
+                for folder in created:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # no longer empty: another run uses it
+                        break
+    finally:
+        handle.close()  # releases the lock
+
+
+def _locked(lock_path: Path) -> IO[str]:
+    """The lock file, opened and exclusively locked; ExperimentBusyError if another run holds it."""
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)  # gone if its last run just removed it
+        handle = open(lock_path, "a+")  # noqa: SIM115  (closed by experiment_lock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ExperimentBusyError(
+                f"experiment {lock_path.parent} is in use by another run (pid {holder}); wait for it or choose "
+                "another --experiment"
+            ) from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # its holder removed the file after we opened it: lock the one there now

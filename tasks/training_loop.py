@@ -19,7 +19,7 @@ from tasks.checkpoint import CheckpointStore
 from tasks.data import CLASSES, load_split
 from tasks.faults import fault_point
 from tasks.figure_worker import FigureWorker
-from tasks.files import write_manifest
+from tasks.files import naming, write_manifest
 from tasks.log import stage_logger
 from tasks.progress import StepProgress
 from tasks.train import LOSS_TAG, PREDICTIONS_TAG, Hyperparameters
@@ -50,12 +50,14 @@ def run_training(
     if found is not None:
         stage_logger().info("Resuming from %s (step %d)", found[0], found[1]["global_step"])
         loop.load_state(found[1])
+    store.warn_if_short_of_space(loop.state_dict())
     # purge_step drops the points that a killed run logged after its last checkpoint: no duplicates.
     writer = SummaryWriter(str(out), purge_step=loop.global_step + 1 if found else None, filename_suffix=".training")
-    try:
-        loop.run(images, labels, writer, store, log_every, checkpoint_every)
-    finally:
-        writer.close()
+    with naming(out):  # TensorBoard's writer says which error, not where
+        try:
+            loop.run(images, labels, writer, store, log_every, checkpoint_every)
+        finally:
+            writer.close()
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
     return write_manifest(
         manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,

@@ -1,0 +1,148 @@
+"""Which failures a retry can mend, decided once here, and the one line that tells a user what failed.
+
+Permanent: a wrong or missing dataset file, a bad parameter, a busy experiment, a missing device, and
+the file-system errors no retry can change (no space left, a read-only or unwritable folder, a name
+too long). Everything else is transient (the network, a mirror's 5xx, a helper process or a worker
+that died): the stage tasks and the flow retry those, and a retried training resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# What to do about each permanent file-system error.
+ADVICE = {
+    errno.ENOSPC: "free some space there and run again: the run resumes where it stopped",
+    errno.EDQUOT: "free some of your quota there and run again: the run resumes where it stopped",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "make it writable for this user, or choose another folder",
+    errno.EPERM: "make it writable for this user, or choose another folder",
+    errno.ENAMETOOLONG: "choose a shorter --experiment",
+}
+
+
+class PermanentError(RuntimeError):
+    """A failure that a retry cannot mend; its message is one line: what failed, where, and what to do."""
+
+
+class TransientError(RuntimeError):
+    """A failure that a retry may mend (the network, a helper process that died); its message is one line."""
+
+
+class RunFailed(RuntimeError):
+    """A flow run's failure as its one line; the original error is its __cause__."""
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether retrying cannot mend `error`."""
+    from tasks.config import ConfigError  # noqa: PLC0415  (config's errors are permanent by this rule)
+
+    if isinstance(error, RunFailed) and error.__cause__ is not None:
+        return is_permanent(error.__cause__)
+    return isinstance(error, (PermanentError, ConfigError)) or (isinstance(error, OSError) and error.errno in ADVICE)
+
+
+def is_known(error: BaseException) -> bool:
+    """Whether `error` is one of the failures this project anticipates, whose one line says all there is."""
+    return is_permanent(error) or isinstance(error, (TransientError, RunFailed))
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as one line: what failed, on which file, what to do."""
+    if isinstance(error, OSError) and error.errno in ADVICE:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}: {ADVICE[error.errno]}"
+    text = " ".join(str(error).split())
+    return text if is_known(error) else f"{type(error).__name__}: {text}"
+
+
+def exit_status(error: BaseException) -> int:
+    """A command line's exit status for a failed run: 2 for a bad parameter (as argparse), 1 otherwise."""
+    from tasks.config import ConfigError  # noqa: PLC0415
+
+    cause = error.__cause__ if isinstance(error, RunFailed) else error
+    return 2 if isinstance(cause, ConfigError) else 1
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A task's `retry_condition_fn`: retry unless the failure is permanent."""
+    try:
+        state.result()
+    except Exception as error:  # noqa: BLE001  (the task's own failure, to classify)
+        return not is_permanent(error)
+    return False
+
+
+@contextmanager
+def ending_the_run() -> Iterator[None]:
+    """In a flow: any failure becomes RunFailed, whose message (the state's) is its one line.
+
+    A permanent one also spends the flow run's own retries, so that it fails at once instead of
+    running again to fail the same way.
+    """
+    try:
+        yield
+    except Exception as error:
+        if is_permanent(error):
+            _no_more_flow_retries()
+        raise RunFailed(one_line(error)) from error
+
+
+def _no_more_flow_retries() -> None:
+    """Set this flow run's retries to 0 on the server, whose retry rule reads them when the run fails."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    run = context.flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
+
+
+class KnownFailureTracebacks(logging.Filter):
+    """For a terminal: no traceback for anticipated failures (their one line says it), at most one otherwise.
+
+    Prefect logs a traceback for every failed attempt of a task and again for the flow; the API (and
+    so the UI) keeps them all, and the terminal shows one line per attempt.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            if is_known(record.exc_info[1]) or self.shown:
+                record.exc_info, record.exc_text = None, None
+            else:
+                self.shown = True
+        return True
+
+
+def quiet_known_failures() -> None:
+    """Add KnownFailureTracebacks to Prefect's console handlers; let threads die of known failures quietly.
+
+    TensorBoard's writer thread, say, dies of a full disk with a traceback on stderr, and the writer
+    then raises the same error in the thread that uses it, where it fails the stage in one line.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    known = KnownFailureTracebacks()
+    for logger in (logging.getLogger("prefect"), logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(known)
+    default_hook = threading.excepthook
+
+    def thread_hook(arguments: threading.ExceptHookArgs) -> None:
+        if arguments.exc_value is None or not is_known(arguments.exc_value):
+            default_hook(arguments)
+
+    threading.excepthook = thread_hook
