@@ -33,7 +33,7 @@ from tasks.data import download_task
 from tasks.devices import resolve_device
 from tasks.files import atomic_write_json
 from tasks import local_server
-from tasks.failures import exit_status, one_line, quiet_known_failures
+from tasks.failures import RunFailed, exit_status, one_line, quiet_known_failures
 from tasks.local_server import local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
@@ -54,7 +54,7 @@ class Trial:
     device: str  # resolved: "cpu", "cuda:1", ...
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(RunFailed):
     """Some configurations of a sweep did not finish; sweep.json says which and why."""
 
 

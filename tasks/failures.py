@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,7 +56,7 @@ def is_known(error: BaseException) -> bool:
 def one_line(error: BaseException) -> str:
     """`error` as one line: what failed, on which file, what to do."""
     if isinstance(error, OSError) and error.errno in ADVICE:
-        where = f": {error.filename}" if error.filename else ""
+        where = f": {os.fsdecode(error.filename)}" if error.filename else ""
         return f"{error.strerror}{where}: {ADVICE[error.errno]}"
     text = " ".join(str(error).split())
     return text if is_known(error) else f"{type(error).__name__}: {text}"

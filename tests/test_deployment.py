@@ -290,6 +290,17 @@ def test_failed_stage_is_retried_from_cache(client: SyncPrefectClient, worker: P
     assert states["train"] == states["inspect"] == states["graph"] == states["checkpoint"] == ["Completed", "Cached"]
 
 
+def test_permanent_failure_fails_at_once_with_its_line(client: SyncPrefectClient, deployment: DeploymentResponse,
+                                                        worker: Path, later_runs: dict[str, FlowRun],
+                                                        tiny_parameters: dict[str, Any]) -> None:
+    created = client.create_flow_run_from_deployment(deployment.id, parameters=tiny_parameters | {"experiment": " "})
+    refused = wait_until_final(client, created, worker)
+    assert refused.state.is_failed()
+    assert "--experiment: ' ' is blank; give the run directory a name" in refused.state.message
+    assert refused.run_count == 1  # not retried: a retry cannot mend it
+    assert "AwaitingRetry" not in [state.name for state in client.read_flow_run_states(refused.id)]
+
+
 def test_runs_never_overlap(client: SyncPrefectClient, later_runs: dict[str, FlowRun]) -> None:
     first, second = sorted(later_runs.values(), key=lambda run: run.start_time)
     assert first.end_time <= second.start_time

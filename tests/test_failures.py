@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from flows.sweep import main as sweep_main
+from flows.sweep import plan
 from tasks.checkpoint import load_checkpoint
 from tasks.config import ConfigError
-from tasks.data import DatasetChecksumError, DatasetDownloadError
+from tasks.data import DatasetChecksumError, DatasetDownloadError, download
 from tasks.failures import RunFailed, TransientError, exit_status, is_permanent, one_line
 from tasks.faults import InjectedFault
 from tasks.lock import ExperimentBusyError
-from tests.conftest import FLOW_SCRIPT, final_weights, same_weights, stop_local_server, tiny_args
+from tasks.train import Hyperparameters, training_dir
+from tests.conftest import FLOW_SCRIPT, TINY, final_weights, same_weights, stop_local_server, tiny_args
 from tests.mirror import serve_mirror
 
 ROOT = os.geteuid() == 0
@@ -207,3 +210,38 @@ def test_full_disk_fails_once_and_a_rerun_resumes_exactly(home: dict[str, str], 
 
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ROOT, reason="a read-only training folder needs root to mount (root writes anywhere else)")
+def test_sweep_reports_a_permanent_failure_in_its_line(prefect_api_url: str, synthetic_mirror: Path,
+                                                       tmp_path: Path) -> None:
+    configurations = [{"lr": 0.01}, {"lr": 0.05}]
+    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_mirror)}
+    failing = plan("sweep", base, configurations=configurations)[1]
+    dataset = download(base["data_dir"], mirror=base["mirror"])
+    blocked = training_dir(dataset, str(failing.config.run_dir), Hyperparameters.of(failing.config), failing.device)
+    blocked.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(blocked)], check=True)
+    try:
+        status = sweep_main(["--configurations", json.dumps(configurations), "--workers", "2",
+                             *[f"--{name.replace('_', '-')}={value}" for name, value in base.items()]])
+    finally:
+        subprocess.run(["umount", str(blocked)], check=True)
+    assert status == 1
+    entries = json.loads((tmp_path / "runs" / "sweep" / "sweep.json").read_text())["configurations"]
+    assert [entry["state"] for entry in entries] == ["Completed", "Failed"]
+    assert entries[1]["error"].startswith(f"train: Read-only file system: {blocked}/events.out.tfevents.")
+    assert entries[1]["error"].endswith(": the file system is read-only: choose a writable folder")
+    [train_run] = [run for run in read_task_runs(prefect_api_url) if run["name"].startswith("train")
+                   and run["state_name"] == "Failed"]
+    assert train_run["run_count"] == 1, "a permanent failure was retried"
+
+
+def read_task_runs(api_url: str) -> list[dict]:
+    import httpx
+
+    with httpx.Client(trust_env=False) as client:
+        response = client.post(f"{api_url}/task_runs/filter", json={})
+    response.raise_for_status()
+    return response.json()
