@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.failures import RunFailed
 from tasks.lock import ExperimentBusyError
 from tests.conftest import TINY, final_weights, run_tiny_flow, same_weights
 
@@ -107,8 +108,9 @@ def test_second_run_on_a_busy_experiment_is_refused(first_run: tuple[Path, dict,
          str(root / "runs" / "tiny")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ExperimentBusyError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+        with pytest.raises(RunFailed, match=f"in use by another run \\(pid {holder.pid}\\)") as failed:
             run_tiny_flow(root, synthetic_mirror, lr=0.03)
+        assert isinstance(failed.value.__cause__, ExperimentBusyError)
     finally:
         holder.kill()
         holder.wait()
