@@ -184,7 +184,7 @@ def wait_until_recorded(flow_run_id: Any, timeout: float = 30.0) -> None:
             return all(run.state is not None and run.state.is_final() for run in runs)
 
         with contextlib.suppress(TimeoutError):  # the run's outputs are on disk either way
-            wait_for(recorded, "the local Prefect server recording the run", timeout, interval=0.05)
+            wait_for(recorded, "the local Prefect server recording the run", timeout, interval=0.02)
 
 
 def untested_release() -> str | None:
