@@ -20,11 +20,11 @@ if __name__ == "__main__":
 
 from typing import Any
 
-from prefect import Task, flow
+from prefect import Task, flow, tags
 from prefect.runtime import flow_run
 
-from flows.command_line import fail, parse_command_line
-from flows.pipeline import run_stages
+from flows.command_line import TAG, fail, parse_command_line
+from flows.pipeline import for_run, run_stages
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
     Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
@@ -36,6 +36,7 @@ from tasks.local_server import local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
 
+MIRROR_VARIABLE = "fashion_mnist_mirror"
 DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
 
 
@@ -54,7 +55,7 @@ class Stages:
         return state.result()  # raises the stage's error, failing the flow run
 
 
-@flow(name="fashion-mnist", log_prints=True, retries=1, retry_delay_seconds=5)
+@flow(name="fashion-mnist", flow_run_name="{experiment}", log_prints=True, retries=1, retry_delay_seconds=5)
 @documented_parameters
 def fashion(
     experiment: Experiment = DEFAULTS.experiment,
@@ -80,9 +81,17 @@ def fashion(
         resolved_device = resolve_device(config.device)
         with experiment_lock(config.run_dir):
             stage = Stages(config.refresh)
-            dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source)
+            dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source or mirror_variable())
             done = run_stages(stage, config, resolved_device, dataset)
-            return report_task(config, resolved_device, done["evaluate"], stage.states)
+            return for_run(report_task, config)(config, resolved_device, done["evaluate"], stage.states)
+
+
+def mirror_variable() -> str | None:
+    """The Prefect Variable `fashion_mnist_mirror`: the mirror of every run that names none itself
+    (neither --mirror nor FASHION_MNIST_MIRROR), set once on a server for all its deployments' runs."""
+    from prefect.variables import Variable
+
+    return Variable.get(MIRROR_VARIABLE, default=None) or None
 
 
 def import_ahead(config: RunConfig) -> None:
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         with experiment_lock(command.config.run_dir):
             import_ahead(command.config)
             with local_server_settings() as server:
-                state = fashion(**command.config.model_dump(), return_state=True)
+                with tags(TAG):
+                    state = fashion(**command.config.model_dump(), return_state=True)
                 wait_until_recorded(state.state_details.flow_run_id)
             result = state.result()
     except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)

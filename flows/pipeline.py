@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from prefect import Task
+
 from tasks.checkpoint import checkpoint_task
 from tasks.config import RunConfig
+from tasks.devices import device_type
 from tasks.evaluate import evaluate_task
 from tasks.graph import graph_task
 from tasks.inspection import inspect_task
@@ -17,21 +20,29 @@ from tasks.train import Hyperparameters, train_task
 StageCall = Callable[..., Any]
 
 
+def for_run(task: Task, config: RunConfig, *tags: str) -> Task:
+    """`task` as the Prefect UI should show it for this run: "train lr=0.01", "evaluate nightly"; with `tags`."""
+    return task.with_options(task_run_name=f"{task.name} {config.run_dir.name}", tags={*task.tags, *tags})
+
+
 def run_stages(stage: StageCall, config: RunConfig, device: str, dataset: Any) -> dict[str, Any]:
     """Inspect, graph, train, checkpoint and evaluate one configuration on the downloaded `dataset`.
+
+    Training is tagged with its device type ("cpu", "cuda"), so that a tag concurrency limit
+    (`prefect concurrency-limit create cuda 1`) keeps trainings from sharing a GPU.
 
     Returns what `stage` returned for each, by stage name.
     """
     run_dir = str(config.run_dir)
     done = {
-        "inspect": stage(inspect_task, dataset=dataset, run_dir=run_dir, seed=config.seed),
-        "graph": stage(graph_task, run_dir=run_dir),
+        "inspect": stage(for_run(inspect_task, config), dataset=dataset, run_dir=run_dir, seed=config.seed),
+        "graph": stage(for_run(graph_task, config), run_dir=run_dir),
         "train": stage(
-            train_task, dataset=dataset, run_dir=run_dir, hyperparameters=Hyperparameters.of(config), device=device,
-            log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+            for_run(train_task, config, device_type(device)), dataset=dataset, run_dir=run_dir,
+            hyperparameters=Hyperparameters.of(config), device=device, log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
         ),
     }
-    done["checkpoint"] = stage(checkpoint_task, training=done["train"])
-    done["evaluate"] = stage(evaluate_task, model_file=done["checkpoint"], dataset=dataset)
+    done["checkpoint"] = stage(for_run(checkpoint_task, config), training=done["train"])
+    done["evaluate"] = stage(for_run(evaluate_task, config), model_file=done["checkpoint"], dataset=dataset)
     return done
-

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -18,19 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import LocalCluster
 from distributed.comm.addressing import parse_address, parse_host_port
-from prefect import Task, flow, get_client
+from prefect import Task, flow, get_client, tags
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect_dask import DaskTaskRunner
 
-from flows.command_line import PRESETS
+from flows.command_line import PRESETS, TAG
 from flows.command_line import build_parser as run_options
-from flows.pipeline import run_stages
+from flows.pipeline import for_run, run_stages
 from tasks.config import ConfigError, RunConfig, is_url, parse_config
 from tasks.data import download_task
-from tasks.devices import resolve_device
+from tasks.devices import device_type, resolve_device
 from tasks.files import atomic_write_json
 from tasks import local_server
 from tasks.failures import RunFailed, exit_status, one_line, quiet_known_failures
@@ -143,8 +145,11 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value))
 
 
-def local_runner(workers: int | None = None) -> DaskTaskRunner:
+def local_runner(workers: int | None = None, report: str | None = None) -> DaskTaskRunner:
     """A temporary Dask cluster on this machine: `workers` processes (default: one per CPU core), one thread each.
+
+    Its dashboard listens on a free port of 127.0.0.1 (the log gives its address), so that sweeps
+    started side by side do not collide; `report` names a file for Dask's performance report.
 
     Processes rather than threads: training seeds the model's initial weights with torch.manual_seed,
     torch's process-wide generator, and sets torch's thread count for the process. Two trainings in
@@ -154,7 +159,9 @@ def local_runner(workers: int | None = None) -> DaskTaskRunner:
     """
     return DaskTaskRunner(
         cluster_class=local_cluster,
-        cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True},
+        cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": "127.0.0.1:0"},
+        performance_report_path=report,
     )
 
 
@@ -183,12 +190,16 @@ def check_scheduler(address: str, timeout: float = 5) -> None:
         raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
 
 
-def task_runner(dask_address: str | None, workers: int | None) -> DaskTaskRunner:
-    """The existing Dask cluster at `dask_address`, else a local one."""
-    return DaskTaskRunner(address=dask_address) if dask_address else local_runner(workers)
+def task_runner(dask_address: str | None, workers: int | None, report: str | None = None) -> DaskTaskRunner:
+    """The existing Dask cluster at `dask_address`, else a local one; `report` names a file for Dask's
+    performance report."""
+    if dask_address:
+        return DaskTaskRunner(address=dask_address, performance_report_path=report)
+    return local_runner(workers, report)
 
 
-@flow(name="fashion-mnist-sweep", log_prints=True, persist_result=True, task_runner=local_runner())
+@flow(name="fashion-mnist-sweep", flow_run_name="sweep {name}", log_prints=True, persist_result=True,
+      task_runner=local_runner())
 def sweep(
     name: str = "sweep",
     grid: dict[str, list[Any]] | None = None,
@@ -228,7 +239,10 @@ def submit_stages(trial: Trial, dataset: PrefectFuture, refresh: set[str]) -> di
     """Submit one configuration's stages, each fed by its upstream stage's future."""
 
     def submit(stage: Task, **inputs: Any) -> PrefectFuture:
-        return stage.submit(**inputs, refresh=stage.name in refresh)
+        # A GPU training asks Dask for a worker that offers one (`dask worker --resources GPU=1`).
+        gpu = stage.name == "train" and device_type(trial.device) == "cuda"
+        with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+            return stage.submit(**inputs, refresh=stage.name in refresh)
 
     return run_stages(submit, trial.config, trial.device, dataset)
 
@@ -239,7 +253,8 @@ def submit_report(trial: Trial, dataset: PrefectFuture, chain: dict[str, Prefect
         future.wait()
     if not all(future.state.is_completed() for future in chain.values()):
         return None
-    return report_task.submit(trial.config, trial.device, chain["evaluate"], stage_states(dataset, chain))
+    return for_run(report_task, trial.config).submit(trial.config, trial.device, chain["evaluate"],
+                                                     stage_states(dataset, chain))
 
 
 def outcome(trial: Trial, dataset: PrefectFuture, chain: dict[str, PrefectFuture],
@@ -346,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Run on this existing Dask scheduler instead of a temporary local cluster.")
     where.add_argument("--workers", type=positive, metavar="N",
                        help="Worker processes of the local cluster (default: one per CPU core, at most one per run).")
+    parser.add_argument("--dask-report", metavar="FILE",
+                        help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
     return parser
 
 
@@ -365,14 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
-    runner = task_runner(args.dask_address, args.workers or min(len(trials), os.cpu_count() or 1))
+    runner = task_runner(args.dask_address, args.workers or min(len(trials), os.cpu_count() or 1), args.dask_report)
     local_server.start()
     quiet_known_failures()
     try:
         with local_server_settings():
-            state = sweep.with_options(task_runner=runner)(
-                name=args.name, grid=args.grid, configurations=args.configurations, base=base, return_state=True,
-            )
+            with tags(TAG):
+                state = sweep.with_options(task_runner=runner)(
+                    name=args.name, grid=args.grid, configurations=args.configurations, base=base, return_state=True,
+                )
             wait_until_recorded(state.state_details.flow_run_id)
         summary = state.result()
     except SweepFailed as error:

@@ -112,8 +112,9 @@ def stage_task(
     policy = StageCache(stage=name, code=code, output=output, ignore=ignore)
     if serializable:
         policy = policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager())
-    return task(_refresh_first_attempt_only(fn), name=name, cache_policy=policy, persist_result=True,
-                retry_condition_fn=retry_transient, **options)
+    # JSON cache records: a stage's result is a manifest's path, which needs no pickle.
+    return task(_refresh_first_attempt_only(fn), name=name, task_run_name=name, cache_policy=policy,
+                persist_result=True, result_serializer="json", retry_condition_fn=retry_transient, **options)
 
 
 def _refresh_first_attempt_only(fn: Callable[..., Path]) -> Callable[..., Path]:

@@ -12,15 +12,25 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tasks.caching import StageOutput, source_digest, stage_task
+from tasks.failures import PermanentError
 from tasks.files import atomic_write, nearest_existing, read_manifest, sha256_file, write_manifest
 from tasks.log import stage_logger
 
 # `epoch` is the epoch in progress and `batches_done` how many of its batches are done;
 # a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
 CHECKPOINT_KEYS = frozenset({
-    "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
+    "format", "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
     "global_step", "order", "rng", "running_loss",
 })
+# The checkpoint format: 1, the keys above but `format` (written before it was recorded); 2, all of
+# them. A later format that adds a key fills it in for older checkpoints in `_upgraded`, so that they
+# still resume.
+FORMAT = 2
+MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step")  # model.pt: for inference
+
+
+class CheckpointFormatError(PermanentError):
+    """A checkpoint written by a newer version of this project: resuming from it needs that version."""
 
 
 class CheckpointStore:
@@ -56,17 +66,34 @@ class CheckpointStore:
         for path in reversed(self.paths()):
             try:
                 return path, load_checkpoint(path)
+            except CheckpointFormatError:
+                raise  # a good checkpoint, newer than this code: never to be trained over
             except Exception as error:  # a truncated zip, a pickle error, wrong keys: all mean "unusable"
                 stage_logger().warning("Skipping unusable checkpoint %s: %s", path, " ".join(str(error).split())[:200])
         return None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a training checkpoint as data only (`weights_only=True`: no code runs) and check its keys."""
+    """Load a training checkpoint as data only (`weights_only=True`: no code runs), in today's format.
+
+    An older format is upgraded; a newer one is refused with CheckpointFormatError, naming it.
+    """
     state = _load(path)
+    if isinstance(state, dict):
+        state = _upgraded(state, path)
     if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a training checkpoint: keys {found}")
+    return state
+
+
+def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    version = state.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT:
+        raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
+                                    "run the version of the project that wrote it, or --refresh train")
+    if version == 1:
+        state = state | {"format": 2}
     return state
 
 
@@ -76,22 +103,23 @@ def model_output(training: Path, **_: object) -> StageOutput:
 
 
 def export_model(training: Path, refresh: bool = False) -> Path:
-    """Save the finished training's model and optimizer as `model.pt`, self-describing.
+    """Save the finished training's model as `model.pt`, self-describing and lean: what inference needs.
 
     Args:
         training: the training manifest, naming the final checkpoint.
         refresh: export again even if a verified `model.pt` exists.
 
     Returns:
-        The manifest of `model.pt`, which holds the model's state and arguments, the optimizer's
-        state, the hyperparameters, the epoch count and the final step; evaluation needs nothing else.
+        The manifest of `model.pt`, which holds its format, the model's state and arguments, the
+        hyperparameters, the epoch count and the final step; evaluation needs nothing else. The
+        optimizer's state stays in the training's checkpoints.
     """
     manifest_path, facts = model_output(training)
     if not refresh and read_manifest(manifest_path, **facts):
         return manifest_path
     final_name = json.loads(Path(training).read_text())["checkpoint"]
     final = load_checkpoint(Path(training).parent / final_name)
-    exported = {key: final[key] for key in ("model", "optimizer", "model_args", "hyperparameters", "epoch", "global_step")}
+    exported = {key: final[key] for key in MODEL_KEYS}  # the optimizer's state stays in the checkpoints
     model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: _save(exported, stream))
     return write_manifest(manifest_path, [model_path], model="model.pt", global_step=final["global_step"], **facts)
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tasks import batches, model, rng
+from tasks import checkpoint
 from tasks.checkpoint import CheckpointStore
 from tasks.data import CLASSES, load_split
 from tasks.faults import fault_point
@@ -85,6 +86,7 @@ class TrainingLoop:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": checkpoint.FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},

@@ -12,9 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import httpx
@@ -208,7 +210,7 @@ def stage_states(client: SyncPrefectClient, flow_run: FlowRun, count: int, log: 
             return None
         states: dict[str, list[str]] = {}
         for task_run in runs:
-            states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
+            states.setdefault(task_run.name.split()[0], []).append(task_run.state.name)  # "train deployed"
         return states
 
     return wait_logged(recorded, 30, f"the task runs of {flow_run.name}", log)
@@ -250,6 +252,12 @@ def test_worker_run_completes_with_tensorboard_output(client: SyncPrefectClient,
                                                        tiny_parameters: dict[str, Any]) -> None:
     assert first_run.state.is_completed(), f"{first_run.state}"
     assert stage_states(client, first_run, TASK_RUNS, worker)["train"] == ["Completed"]
+    # Named after the experiment, tagged with the project; stages named per run, training tagged with its device.
+    assert first_run.name == "deployed" and "fashion-mnist" in first_run.tags
+    task_runs = {run.name: run for run in client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first_run.id])))}
+    assert set(task_runs) == {"download", *(f"{stage} deployed" for stage in STAGES[1:]), "report deployed"}
+    assert "cpu" in task_runs["train deployed"].tags
     runs = load_runs(Path(tiny_parameters["runs_dir"]) / "deployed")
     assert image_steps(runs, ".", "four_fashion_mnist_images") == [0]
     assert scalar_steps(runs, training_run(runs), "training loss") == expected_loss_steps()
@@ -290,15 +298,47 @@ def test_failed_stage_is_retried_from_cache(client: SyncPrefectClient, worker: P
     assert states["train"] == states["inspect"] == states["graph"] == states["checkpoint"] == ["Completed", "Cached"]
 
 
-def test_permanent_failure_fails_at_once_with_its_line(client: SyncPrefectClient, deployment: DeploymentResponse,
-                                                        worker: Path, later_runs: dict[str, FlowRun],
-                                                        tiny_parameters: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def notices(server: Server) -> Iterator[list[dict]]:
+    """flows/notices.py's automation, pointed at a webhook on loopback; yields the notices it receives."""
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            """Quiet."""
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/notice"
+        done = subprocess.run([sys.executable, str(REPO / "flows" / "notices.py"), "--webhook", url], env=server.env,
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        yield received
+    finally:
+        receiver.shutdown()
+
+
+def test_permanent_failure_fails_at_once_with_its_line_and_a_notice(
+    client: SyncPrefectClient, deployment: DeploymentResponse, worker: Path, later_runs: dict[str, FlowRun],
+    tiny_parameters: dict[str, Any], notices: list[dict],
+) -> None:
     created = client.create_flow_run_from_deployment(deployment.id, parameters=tiny_parameters | {"experiment": " "})
     refused = wait_until_final(client, created, worker)
+    line = "--experiment: ' ' is blank; give the run directory a name"
     assert refused.state.is_failed()
-    assert "--experiment: ' ' is blank; give the run directory a name" in refused.state.message
+    assert line in refused.state.message
     assert refused.run_count == 1  # not retried: a retry cannot mend it
     assert "AwaitingRetry" not in [state.name for state in client.read_flow_run_states(refused.id)]
+    # The failure notice: only this run failed, so it is the one notice.
+    [notice] = wait_for(lambda: list(notices), "the failure notice", 60)
+    assert notice["subject"] == f"Fashion-MNIST: flow run {refused.name} Failed"
+    assert line in notice["body"] and str(refused.id) in notice["body"]
 
 
 def test_runs_never_overlap(client: SyncPrefectClient, later_runs: dict[str, FlowRun]) -> None:

@@ -10,6 +10,7 @@ import torch
 from torchvision.datasets import FashionMNIST
 
 from tasks.data import DatasetChecksumError, download, download_task, load_split
+from tests.conftest import TINY
 from tests.mirror import serve_mirror
 
 LABELS = "train-labels-idx1-ubyte.gz"
@@ -86,3 +87,19 @@ def test_earlier_download_is_used_offline(synthetic_mirror: Path, tmp_path: Path
     # No mirror at all (the official ones are out of reach here): the verified .gz files in data_dir suffice.
     assert download(str(data_dir)) == manifest
     assert cache.is_file()
+
+
+def test_mirror_from_a_prefect_variable(synthetic_mirror: Path, prefect_api_url: str, tmp_path: Path) -> None:
+    # A run that names no mirror itself takes the one a server's Variable names (flows/fashion.py).
+    from prefect.variables import Variable
+
+    from flows.fashion import MIRROR_VARIABLE, fashion
+
+    Variable.set(MIRROR_VARIABLE, str(synthetic_mirror), overwrite=True)
+    try:
+        result = fashion(experiment="variable", runs_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"),
+                         **(TINY | {"epochs": 1}))
+    finally:
+        Variable.unset(MIRROR_VARIABLE)
+    assert result["stages"]["download"] == "Completed"
+    assert (tmp_path / "data" / "FashionMNIST" / "dataset.json").is_file()

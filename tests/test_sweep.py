@@ -83,6 +83,18 @@ def test_sweep_runs_every_configuration_and_names_the_best(
     assert sorted(session.hparams["lr"].number_value for session in sessions.values()) == rates
     assert {str(sweep_dir / run) for run in sessions} == {str(path) for path in train_dirs}
 
+    # In the Prefect UI: the sweep's run named after it, each stage's run after its configuration.
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["sweep sweep1"])))
+        names = {task_run.name: task_run for task_run in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))}
+    assert "fashion-mnist" in run.tags
+    assert {f"train lr={rate}" for rate in rates} <= set(names)
+    assert "cpu" in names[f"train lr={rates[0]}"].tags
+
 
 def test_failing_configuration_is_reported_and_rerun_trains_only_it(
     dask_address: str, synthetic_folder: Path, tmp_path: Path
