@@ -52,6 +52,10 @@ def enter_repository() -> dict[str, str]:
     """Pull step: make the clone that this Python environment imports `flows` from the working directory.
 
     It is found at run time on the worker, so no path of the deploying machine is stored in the
-    deployment, and the worker may be started from any folder.
+    deployment, and the worker may be started from any folder. A copy installed in site-packages
+    has no prefect.yaml beside it, and is refused: a run from there would write into site-packages.
     """
+    if not PREFECT_FILE.is_file():
+        raise FileNotFoundError(f"{REPOSITORY} holds no prefect.yaml: the worker imports an installed copy of the "
+                                "project; install it from its clone there (pip install -e .)")
     return set_working_directory(str(REPOSITORY))

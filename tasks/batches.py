@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 # The tutorial's transform, Normalize((0.5,), (0.5,)) after ToTensor, maps [0, 255] to [-1, 1].
@@ -37,18 +35,6 @@ class SeededOrder:
     def next_epoch(self) -> torch.Tensor:
         """A permutation of range(size) for the next epoch."""
         return torch.randperm(self.size, generator=self.generator)
-
-
-def cpu_threads(batch_size: int) -> int:
-    """Threads for CPU work on batches of `batch_size`.
-
-    One for tiny batches, which per-op overhead dominates and extra threads only slow; else every core
-    this process may use (OMP_NUM_THREADS where set, as Dask sets it to 1 in each worker process).
-    """
-    if batch_size <= 16:
-        return 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return int(os.environ.get("OMP_NUM_THREADS") or usable)
 
 
 def batch_count(size: int, batch_size: int) -> int:

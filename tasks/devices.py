@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 from tasks.config import ConfigError
@@ -12,6 +13,18 @@ from tasks.config import ConfigError
 def device_type(device: str) -> str:
     """The kind of a device name: "cuda" for "cuda:1", "cpu" for "cpu"."""
     return device.partition(":")[0]
+
+
+def cpu_threads(batch_size: int) -> int:
+    """Threads for CPU work on batches of `batch_size`.
+
+    One for tiny batches, which per-op overhead dominates and extra threads only slow; else every core
+    this process may use (OMP_NUM_THREADS where set, as Dask sets it to 1 in each worker process).
+    """
+    if batch_size <= 16:
+        return 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(os.environ.get("OMP_NUM_THREADS") or usable)
 
 
 def resolve_device(requested: str) -> str:

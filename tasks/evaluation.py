@@ -11,6 +11,7 @@ import torch
 
 from tasks import batches, model
 from tasks.data import CLASSES
+from tasks.devices import cpu_threads
 from tasks.events import read_scalars, replacing_writer
 from tasks.figures import confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure
 from tasks.files import atomic_write
@@ -57,7 +58,7 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     net = model.build_model(exported["model_args"])
     net.load_state_dict(exported["model"])
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
-    torch.set_num_threads(batches.cpu_threads(EVAL_BATCH))
+    torch.set_num_threads(cpu_threads(EVAL_BATCH))
     chunks = images.split(EVAL_BATCH)
     probabilities = []
     with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 from tasks.caching import StageOutput, source_digest, stage_task
 from tasks.config import RunConfig
 from tasks.data import fingerprint
-from tasks.devices import device_type
+from tasks.devices import cpu_threads, device_type
 from tasks.files import digest_json, read_manifest
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
+TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cached rerun never imports torch
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,16 @@ class Hyperparameters:
 def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, device: str, **_: object) -> Path:
     """`<run>/train-<key>`: one folder, and one TensorBoard run, per set of weights-deciding inputs.
 
-    The key covers the hyperparameters, the dataset's fingerprint, the device type and the code of
-    the model, the batching and the loop; so a new learning rate trains into a new folder and
-    never mixes its curve with another training's.
+    The key covers the hyperparameters, the dataset's fingerprint, the device type, the code of the
+    model, the batching and the loop, torch's version, and on the CPU the thread count where more
+    than one thread splits the work (and so the order of floating-point sums); so a new learning
+    rate, a torch upgrade or another machine's core count trains into a new folder and never mixes
+    its curve, or its resume, with another training's.
     """
-    key = digest_json([asdict(hyperparameters), fingerprint(dataset), device_type(device), TRAINING_CODE])
+    kind = device_type(device)
+    threads = cpu_threads(hyperparameters.batch_size) if kind == "cpu" else None
+    key = digest_json([asdict(hyperparameters), fingerprint(dataset), kind, TRAINING_CODE, TORCH_VERSION]
+                      + ([threads] if threads and threads > 1 else []))
     return Path(run_dir) / f"train-{key[:10]}"
 
 

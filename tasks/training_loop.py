@@ -18,6 +18,7 @@ from tasks import batches, model, rng
 from tasks import checkpoint
 from tasks.checkpoint import CheckpointStore
 from tasks.data import CLASSES, load_split
+from tasks.devices import cpu_threads
 from tasks.faults import fault_point
 from tasks.figure_worker import FigureWorker
 from tasks.files import naming, write_manifest
@@ -73,7 +74,7 @@ class TrainingLoop:
         self.hp = hyperparameters
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(batches.cpu_threads(hyperparameters.batch_size))
+            torch.set_num_threads(cpu_threads(hyperparameters.batch_size))
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
         self.criterion = nn.CrossEntropyLoss()
