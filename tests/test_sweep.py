@@ -12,7 +12,7 @@ from flows.sweep import main, plan
 from tasks.data import download
 from tasks.local_server import free_port
 from tasks.train import Hyperparameters, train_task, training_dir
-from tests.conftest import TINY, final_weights, same_weights, tiny_args
+from tests.conftest import REPO, TINY, final_weights, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
 
 
@@ -186,3 +186,35 @@ def test_unreachable_scheduler_is_one_line_before_any_work(
     error = capsys.readouterr().err
     assert f"--dask-address {address}: {message}" in error and error.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_local_sweep_serves_its_dask_dashboard_and_writes_a_report(prefect_api_url: str, synthetic_mirror: Path,
+                                                                   tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+
+    report = tmp_path / "dask-report.html"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "flows" / "sweep.py"), "--grid", json.dumps({"lr": [0.01, 0.05]}), "--workers", "2",
+         "--dask-report", str(report), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+         "--mirror", str(synthetic_mirror), *tiny_args(epochs=20)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # the dashboard's address is logged as the cluster starts
+            if found := re.search(r"The Dask dashboard is available at (http://127\.0\.0\.1:\d+/status)", line):
+                break
+        else:
+            pytest.fail("the sweep logged no dashboard address")
+        with httpx.Client(trust_env=False) as client:
+            page = client.get(found.group(1), timeout=10)  # while the sweep runs
+        assert page.status_code == 200 and "Dask" in page.text
+        output = process.stdout.read()
+        assert process.wait(timeout=300) == 0, output[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert report.stat().st_size > 10_000 and "Dask Performance Report" in report.read_text()
