@@ -26,7 +26,8 @@ CHECKPOINT_KEYS = frozenset({
 # them. A later format that adds a key fills it in for older checkpoints in `_upgraded`, so that they
 # still resume.
 FORMAT = 2
-MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step")  # model.pt: for inference
+# model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
+MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step", "metrics")
 
 
 class CheckpointFormatError(PermanentError):
@@ -111,15 +112,17 @@ def export_model(training: Path, refresh: bool = False) -> Path:
 
     Returns:
         The manifest of `model.pt`, which holds its format, the model's state and arguments, the
-        hyperparameters, the epoch count and the final step; evaluation needs nothing else. The
-        optimizer's state stays in the training's checkpoints.
+        hyperparameters, the epoch count, the final step and the training's final metrics (its loss
+        at the last log point); evaluation needs nothing else. The optimizer's state stays in the
+        training's checkpoints.
     """
     manifest_path, facts = model_output(training)
     if not refresh and read_manifest(manifest_path, **facts):
         return manifest_path
-    final_name = json.loads(Path(training).read_text())["checkpoint"]
-    final = load_checkpoint(Path(training).parent / final_name)
-    exported = {key: final[key] for key in MODEL_KEYS}  # the optimizer's state stays in the checkpoints
+    trained = json.loads(Path(training).read_text())
+    final = load_checkpoint(Path(training).parent / trained["checkpoint"])
+    exported = {key: final[key] for key in MODEL_KEYS if key != "metrics"}  # the optimizer's stays in the checkpoints
+    exported["metrics"] = {"training_loss": trained.get("training_loss"), "global_step": final["global_step"]}
     model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: _save(exported, stream))
     return write_manifest(manifest_path, [model_path], model="model.pt", global_step=final["global_step"], **facts)
 

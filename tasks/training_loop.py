@@ -63,6 +63,7 @@ def run_training(
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
     return write_manifest(
         manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,
+        training_loss=loop.last_loss,
         hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -84,6 +85,7 @@ class TrainingLoop:
         self.epoch = self.batches_done = self.global_step = 0
         self.order_state = self.order.state()
         self.running_loss = torch.zeros((), device=self.device)
+        self.last_loss: float | None = None  # the mean loss at the latest log point of this process
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +160,7 @@ class TrainingLoop:
     ) -> None:
         """Average loss since the last point, and the tutorial's figure on this batch (at most 4 images)."""
         average = self.running_loss.item() / log_every  # note: a host sync, once per log_every steps
+        self.last_loss = average
         self.running_loss.zero_()
         writer.add_scalar(LOSS_TAG, average, self.global_step)
         progress.note(loss=average)

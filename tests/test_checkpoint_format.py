@@ -6,6 +6,7 @@ recorded their format): the last one of a TINY training on the synthetic data.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -55,3 +56,6 @@ def test_model_file_is_lean(finished_run: tuple[Path, dict]) -> None:
     assert set(exported) == set(MODEL_KEYS) and "optimizer" not in exported
     last = load_checkpoint(sorted((train_dir / "checkpoints").glob("step-*.pt"))[-1])
     assert same_weights(exported["model"], last["model"]) and exported["global_step"] == last["global_step"]
+    loss_points = json.loads((train_dir / "training.json").read_text())["training_loss"]
+    assert exported["metrics"] == {"training_loss": loss_points, "global_step": last["global_step"]}
+    assert isinstance(loss_points, float)

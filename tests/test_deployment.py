@@ -367,3 +367,11 @@ def test_serve_uses_the_schedule_of_prefect_yaml(server: Server, client: SyncPre
     assert (schedule.schedule.cron, schedule.schedule.timezone) == (expected.cron, expected.timezone)
     assert deployment.parameters["experiment"] == "served" and deployment.parameters["epochs"] == 3
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+
+
+def test_pull_step_refuses_a_copy_without_prefect_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import schedule
+
+    monkeypatch.setattr(schedule, "PREFECT_FILE", tmp_path / "site-packages" / "prefect.yaml")  # an installed copy
+    with pytest.raises(FileNotFoundError, match="holds no prefect.yaml: the worker imports an installed copy"):
+        schedule.enter_repository()
