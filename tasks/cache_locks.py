@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-import anyio
+import anyio.to_thread
 from prefect.locking.protocol import LockManager
 
 POLL_SECONDS = 0.1
@@ -55,14 +55,7 @@ class FlockLockManager(LockManager):
 
     async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                             hold_timeout: float | None = None) -> bool:
-        if self.is_lock_holder(key, holder):
-            return True
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while not self._try(key, holder):
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            await anyio.sleep(POLL_SECONDS)
-        return True
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
         if not self.is_lock_holder(key, holder):
@@ -94,9 +87,4 @@ class FlockLockManager(LockManager):
         return True
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            await anyio.sleep(POLL_SECONDS)
-        return True
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
