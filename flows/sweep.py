@@ -30,19 +30,18 @@ from prefect_dask import DaskTaskRunner
 from flows.command_line import PRESETS, TAG
 from flows.command_line import build_parser as run_options
 from flows.pipeline import for_run, run_stages
+from tasks import local_server
 from tasks.config import ConfigError, RunConfig, is_url, parse_config
 from tasks.data import download_task
 from tasks.devices import device_type, resolve_device
-from tasks.files import atomic_write_json
-from tasks import local_server
 from tasks.failures import RunFailed, exit_status, one_line, quiet_known_failures
+from tasks.files import atomic_write_json
 from tasks.local_server import local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
 
-# What one configuration may set; the rest (folders, data source, refresh) is the sweep's and shared.
-VARIABLE = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "log_every", "checkpoint_every",
-            "seed", "device")
+SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh")  # one value, the sweep's, for all
+VARIABLE = tuple(name for name in RunConfig.model_fields if name not in SHARED)  # what a configuration may set
 METRIC = "test_accuracy"
 
 

@@ -103,7 +103,16 @@ def save_png(rgb: np.ndarray, path: Path) -> Path:
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
-    """Area under the precision-recall curve as a step function: mean precision at each positive's rank."""
-    hits = positives[scores.argsort(descending=True)].float()  # (N,) 1 where the k-th highest score is a positive
-    precision_at_rank = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-    return float((precision_at_rank * hits).sum() / hits.sum().clamp(min=1))
+    """Area under the precision-recall curve as a step function, as scikit-learn's average_precision_score:
+    the sum over thresholds of precision times the recall gained there.
+
+    Equal scores are one threshold: float32 softmax saturates to exactly 1.0, so ties are common.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    ranked, hits = scores[order], positives[order].float()  # (N,), (N,) 1 where the k-th highest is a positive
+    last_of_tie = torch.ones_like(ranked, dtype=torch.bool)
+    last_of_tie[:-1] = ranked[1:] != ranked[:-1]  # the end of each group of equal scores: a threshold
+    found = hits.cumsum(0)[last_of_tie]  # true positives above each threshold
+    precision = found / (torch.arange(1, len(hits) + 1)[last_of_tie])
+    recall_gain = torch.diff(found, prepend=found.new_zeros(1)) / hits.sum().clamp(min=1)
+    return float((precision * recall_gain).sum())

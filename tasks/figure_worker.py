@@ -85,7 +85,7 @@ class FigureWorker:
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
         summary = Summary(value=[Summary.Value(tag=self.tag, image=image)])
         step, wall_time = self.pending.popleft()
-        self.writer._get_file_writer().add_summary(summary, step, wall_time)  # as add_image writes it
+        self.writer.file_writer.add_summary(summary, step, wall_time)  # as add_image writes it
 
     def _died(self) -> TransientError:
         return TransientError(f"the figure process exited with status {self.process.wait()}; see its output above")

@@ -1,18 +1,17 @@
-"""Matplotlib figures of the run, drawn from numpy arrays without pyplot (no display, no global state)."""
+"""Matplotlib figures of the run, drawn from numpy arrays without pyplot (no display, no global state).
+
+Each figure is drawn by an Agg canvas of its own, so no backend is chosen for the process.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed, on servers and workers alike
-
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 
 class PredictionsFigure:

@@ -11,9 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 def nearest_existing(folder: Path) -> Path:
     """`folder` (made absolute) if it exists, else its nearest existing parent."""
@@ -53,7 +50,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
             with os.fdopen(handle, "wb") as stream:
                 recording = _RecordingStream(stream)
                 try:
@@ -69,6 +66,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             Path(temporary).unlink(missing_ok=True)
             raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it races other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    mask = os.umask(0)  # elsewhere: set and restored at once
+    os.umask(mask)
+    return mask
 
 
 class _RecordingStream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from tasks.config import RunConfig
 from tasks.data import CLASSES
 from tasks.events import event_files, replacing_writer
 from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest
+from tasks.train import Hyperparameters
 
-HPARAM_FIELDS = ("epochs", "batch_size", "lr", "momentum", "optimizer", "schedule", "seed")
+HPARAM_FIELDS = tuple(field.name for field in fields(Hyperparameters))  # what decides the weights
 HPARAM_METRICS = ("test_accuracy", "mean_ap")
 
 

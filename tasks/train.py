@@ -14,6 +14,7 @@ from tasks.devices import cpu_threads, device_type
 from tasks.files import digest_json, read_manifest
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
+KEY_FILE = "key.json"  # in each training's folder: what its name is the digest of
 TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cached rerun never imports torch
 
 
@@ -44,11 +45,15 @@ def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, 
     rate, a torch upgrade or another machine's core count trains into a new folder and never mixes
     its curve, or its resume, with another training's.
     """
+    return Path(run_dir) / f"train-{digest_json(training_key(dataset, hyperparameters, device))[:10]}"
+
+
+def training_key(dataset: Path, hyperparameters: Hyperparameters, device: str) -> dict[str, Any]:
+    """What decides a training's weights, as JSON values: its folder's name is their digest."""
     kind = device_type(device)
-    threads = cpu_threads(hyperparameters.batch_size) if kind == "cpu" else None
-    key = digest_json([asdict(hyperparameters), fingerprint(dataset), kind, TRAINING_CODE, TORCH_VERSION]
-                      + ([threads] if threads and threads > 1 else []))
-    return Path(run_dir) / f"train-{key[:10]}"
+    threads = cpu_threads(hyperparameters.batch_size) if kind == "cpu" else 1
+    return {"hyperparameters": asdict(hyperparameters), "dataset": fingerprint(dataset), "device_type": kind,
+            "code": TRAINING_CODE, "torch": TORCH_VERSION, "threads": threads}
 
 
 def training_output(**inputs: Any) -> StageOutput:

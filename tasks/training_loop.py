@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -14,17 +15,16 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks import batches, model, rng
-from tasks import checkpoint
-from tasks.checkpoint import CheckpointStore
+from tasks import batches, checkpoint, model, rng
+from tasks.checkpoint import CheckpointStore, load_checkpoint
 from tasks.data import CLASSES, load_split
 from tasks.devices import cpu_threads
 from tasks.faults import fault_point
 from tasks.figure_worker import FigureWorker
-from tasks.files import naming, write_manifest
+from tasks.files import atomic_write_json, naming, write_manifest
 from tasks.log import stage_logger
 from tasks.progress import StepProgress
-from tasks.train import LOSS_TAG, PREDICTIONS_TAG, Hyperparameters
+from tasks.train import KEY_FILE, LOSS_TAG, PREDICTIONS_TAG, Hyperparameters, training_key
 
 # Batches this small are bound by per-op overhead, where PyTorch's own convolutions beat oneDNN's.
 ONEDNN_MIN_BATCH = 9
@@ -36,7 +36,9 @@ def run_training(
 ) -> Path:
     """Train into `out`, resuming from its newest valid checkpoint unless `refresh`; returns the training manifest.
 
-    The arguments are those of tasks.train.train, with `out` the training's keyed folder.
+    Without a checkpoint of its own, a training continues an earlier one of the same run that
+    differs only in its epoch count (see `continue_shorter`). The arguments are those of
+    tasks.train.train, with `out` the training's keyed folder.
     """
     manifest_path = out / "training.json"
     store = CheckpointStore(out / "checkpoints")
@@ -45,12 +47,17 @@ def run_training(
         # Nothing to resume: whatever is left in the folder belongs to a training that is being redone.
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    key = training_key(dataset, hyperparameters, device)
+    atomic_write_json(out / KEY_FILE, key)  # for later trainings that may continue this one
 
     images, labels = load_split(dataset, "train")
     started = time.perf_counter()
     loop = TrainingLoop(hyperparameters, device, len(images))
-    if found is not None:
+    if found is None and not refresh:
+        found = continue_shorter(out, key, store, loop.batches_per_epoch)
+    elif found is not None:
         stage_logger().info("Resuming from %s (step %d)", found[0], found[1]["global_step"])
+    if found is not None:
         loop.load_state(found[1])
     store.warn_if_short_of_space(loop.state_dict())
     # purge_step drops the points that a killed run logged after its last checkpoint: no duplicates.
@@ -66,6 +73,55 @@ def run_training(
         training_loss=loop.last_loss,
         hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def continue_shorter(out: Path, key: dict[str, Any], store: CheckpointStore,
+                     batches_per_epoch: int) -> tuple[Path, dict[str, Any]] | None:
+    """Continue, in `out`, an earlier training whose key differs from `key` only in its epoch count.
+
+    With a constant learning rate, nothing before an epoch's end depends on how many epochs follow:
+    the data order of each epoch is drawn from one seeded generator, and every other state is in the
+    checkpoint. So the earlier training's checkpoint at their last shared epoch boundary is exactly
+    this training's state there. It is copied into `store`, with its TensorBoard events (purged
+    beyond it on resume), and the earlier training is left as it was. A one-cycle schedule depends
+    on the total, so such a training starts over, and says so.
+
+    Returns the copied checkpoint and its state, or None.
+    """
+    epochs = key["hyperparameters"]["epochs"]
+    best: tuple[int, Path] | None = None  # the furthest shared epoch boundary: (step, checkpoint)
+    for folder in sorted(out.parent.glob("train-*")):
+        try:
+            theirs = json.loads((folder / KEY_FILE).read_text())
+            same = folder != out and theirs | {"hyperparameters": theirs["hyperparameters"] | {"epochs": epochs}} == key
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not same:
+            continue
+        if key["hyperparameters"]["schedule"] != "constant":
+            stage_logger().info("Starting over instead of continuing %s: the %s schedule depends on the epoch count",
+                                folder, key["hyperparameters"]["schedule"])
+            return None
+        boundaries = [path for path in CheckpointStore(folder / "checkpoints").paths()
+                      if (step := int(path.stem.removeprefix("step-"))) % batches_per_epoch == 0
+                      and 0 < step <= epochs * batches_per_epoch]
+        if boundaries and (best is None or int(boundaries[-1].stem.removeprefix("step-")) > best[0]):
+            best = (int(boundaries[-1].stem.removeprefix("step-")), boundaries[-1])
+    if best is None:
+        return None
+    step, source = best
+    try:
+        state = load_checkpoint(source)
+    except ValueError:
+        return None
+    if state["batches_done"] != 0 or state["epoch"] * batches_per_epoch != step:
+        return None  # not the epoch's end after all
+    state["hyperparameters"] = key["hyperparameters"]
+    for events in source.parent.parent.glob("events.out.tfevents.*.training"):
+        shutil.copy2(events, out / events.name)
+    stage_logger().info("Continuing from %s (epoch %d, step %d): the first epochs of this training are that one's",
+                        source, state["epoch"], step)
+    return store.save(state), state
 
 
 class TrainingLoop:

@@ -32,6 +32,18 @@ T = TypeVar("T")
 TINY = {"epochs": 2, "batch_size": 4, "lr": 0.02, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
 
 
+# Fixtures that start a service (a Prefect server, a Dask cluster) or read the real data: a test that
+# uses one, directly or through another fixture, is `slow`, so that `pytest -m "not slow"` is a fast loop.
+# Tests that start a service themselves (a command-line run) carry the mark in their module.
+SLOW_FIXTURES = frozenset({"prefect_api_url", "real_data", "server", "dask_address", "user_environment"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
     """One temporary Prefect server (SQLite in the test Prefect home) for the whole session."""

@@ -109,6 +109,7 @@ LABELS = "t10k-labels-idx1-ubyte.gz"
 GETS_PER_FILE = 2  # torchvision probes each URL for redirects with a GET, then downloads it
 
 
+@pytest.mark.slow
 def test_truncated_file_in_a_mirror_folder(home: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
     mirror = truncated_mirror(synthetic_mirror, tmp_path / "mirror", LABELS)
     done = run_flow(*tiny_args(), "--mirror", str(mirror), env=home, cwd=tmp_path)
@@ -119,6 +120,7 @@ def test_truncated_file_in_a_mirror_folder(home: dict[str, str], synthetic_mirro
     assert not list((tmp_path / "data").rglob("dataset.json"))
 
 
+@pytest.mark.slow
 def test_truncated_file_on_an_http_mirror(home: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
     mirror = truncated_mirror(synthetic_mirror, tmp_path / "mirror", LABELS)
     with serve_mirror(mirror) as (url, gets):

@@ -13,7 +13,8 @@ import torch
 
 from tasks.checkpoint import CheckpointStore
 from tests.conftest import (
-    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, wait_while_running,
+    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
+    wait_while_running,
 )
 from tests.synthetic import write_synthetic_fashion_mnist
 from tests.tensorboard_reader import image_steps, load_runs, loss_steps, scalar_steps, training_run
@@ -111,3 +112,42 @@ def test_last_partial_batch_and_a_figure_of_fewer_images(prefect_api_url: str, s
     runs = load_runs(Path(result["train_dir"]).parent)
     assert scalar_steps(runs, training_run(runs), "training loss") == [27, 54]
     assert image_steps(runs, training_run(runs), "predictions vs. actuals") == [27, 54]
+
+
+def test_more_epochs_continue_the_shorter_training(
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    one = run_tiny_flow(tmp_path, synthetic_mirror, experiment="grow", epochs=1)
+    shorter = Path(one["train_dir"])
+    before = {path.name: path.stat().st_mtime_ns for path in shorter.rglob("*") if path.is_file()}
+    two = run_tiny_flow(tmp_path, synthetic_mirror, experiment="grow")  # TINY: 2 epochs
+    longer = Path(two["train_dir"])
+    assert longer != shorter
+    epoch = total_steps(TINY | {"epochs": 1})
+    assert f"Continuing from {shorter}/checkpoints/step-{epoch:08d}.pt (epoch 1, step {epoch})" in caplog.text
+    # Bitwise the 2-epoch training made from scratch; the 1-epoch one left as it was.
+    assert same_weights(final_weights(two), final_weights(finished_run[1]))
+    assert {path.name: path.stat().st_mtime_ns for path in shorter.rglob("*") if path.is_file()} == before
+    # Its own TensorBoard run shows the whole curve, each point once; what this run trained is epoch 2 only.
+    runs = load_runs(longer)
+    assert scalar_steps(runs, ".", "training loss") == expected_loss_steps()
+    written_here = [path for path in longer.glob("events.out.tfevents.*.training") if path.name not in before]
+    [own] = written_here
+    assert event_steps(own) and min(event_steps(own)) > epoch
+
+
+def test_one_cycle_starts_over_and_says_why(
+    synthetic_mirror: Path, prefect_api_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_tiny_flow(tmp_path, synthetic_mirror, experiment="cycle", epochs=1, schedule="onecycle")
+    run_tiny_flow(tmp_path, synthetic_mirror, experiment="cycle", schedule="onecycle")
+    assert "Starting over instead of continuing" in caplog.text and "the onecycle schedule depends on" in caplog.text
+    assert "Continuing from" not in caplog.text
+
+
+def event_steps(path: Path) -> list[int]:
+    """The steps of the training loss in one event file."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [event.step for event in EventFileLoader(str(path)).Load()
+            if any(value.tag == "training loss" for value in event.summary.value)]

@@ -1,0 +1,122 @@
+"""Unit tests that take seconds and need no Prefect run: metrics against scikit-learn, code digests, manifests,
+sweep planning."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_score, recall_score
+
+from tasks.caching import source_digest
+from tasks.evaluation import average_precision, score
+from tasks.files import read_manifest, write_manifest
+
+
+def scores_with_ties(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) softmax outputs, a third of them saturated to exactly 1.0 as float32 does, and (N,) labels."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(300, 10, generator=generator) * 3
+    logits[:100] *= 40  # saturates: many rows of exactly 1.0 and 0.0
+    labels = torch.randint(0, 10, (300,), generator=generator)
+    return torch.softmax(logits, dim=1), labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_is_scikit_learns_with_tied_scores(seed: int) -> None:
+    probabilities, labels = scores_with_ties(seed)
+    assert (probabilities == 1.0).any(), "the case of interest: tied top scores"
+    for index in range(10):
+        expected = average_precision_score((labels == index).numpy(), probabilities[:, index].numpy())
+        assert average_precision(probabilities[:, index], labels == index) == pytest.approx(expected, abs=1e-6)
+
+
+def test_score_is_scikit_learns() -> None:
+    probabilities, labels = scores_with_ties(3)
+    predicted = probabilities.argmax(dim=1).numpy()
+    metrics = score(probabilities, labels)
+    assert metrics["confusion_matrix"] == confusion_matrix(labels.numpy(), predicted, labels=range(10)).tolist()
+    precision = precision_score(labels.numpy(), predicted, average=None, labels=range(10), zero_division=0)
+    recall = recall_score(labels.numpy(), predicted, average=None, labels=range(10), zero_division=0)
+    assert list(metrics["per_class_precision"].values()) == pytest.approx(precision.tolist(), abs=1e-6)
+    assert list(metrics["per_class_recall"].values()) == pytest.approx(recall.tolist(), abs=1e-6)
+    assert metrics["test_accuracy"] == pytest.approx(float((predicted == labels.numpy()).mean()))
+
+
+MODULE = '''"""A module."""
+
+def step(x):
+    """Add one."""
+    return x + 1  # the step
+'''
+
+
+@pytest.mark.parametrize(("variant", "same"), [
+    (MODULE.replace("# the step", "# another comment"), True),
+    (MODULE.replace('"""Add one."""', '"""Add one to x."""'), True),
+    (MODULE.replace("x + 1  #", "x  +  1 #"), True),
+    (MODULE.replace("x + 1", "x + 2"), False),
+])
+def test_source_digest_ignores_comments_docstrings_and_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              variant: str, same: bool) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "digest_a.py").write_text(MODULE)
+    (tmp_path / "digest_b.py").write_text(variant)
+    assert (source_digest("digest_a") == source_digest("digest_b")) is same
+
+
+def test_manifest_verifies_its_files_and_facts(tmp_path: Path) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"weights")
+    manifest = write_manifest(tmp_path / "out.json", [data], step=3)
+    assert list(read_manifest(manifest, step=3)["files"]) == ["data.bin"]
+    assert read_manifest(manifest, step=4) is None  # another fact
+    data.write_bytes(b"altered")
+    assert read_manifest(manifest, step=3) is None  # a file that no longer matches
+    data.unlink()
+    assert read_manifest(manifest, step=3) is None
+
+
+def test_sweep_plan_names_configurations_by_what_varies(tmp_path: Path) -> None:
+    from flows.sweep import plan
+    from tasks.config import ConfigError
+
+    base = {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "device": "cpu"}
+    trials = plan("grid", base, grid={"lr": [0.01, 0.1], "batch_size": [4, 8]})
+    assert [trial.name for trial in trials] == ["lr=0.01,batch_size=4", "lr=0.01,batch_size=8",
+                                               "lr=0.1,batch_size=4", "lr=0.1,batch_size=8"]
+    assert {trial.config.experiment for trial in trials} == {f"grid/{trial.name}" for trial in trials}
+    with pytest.raises(ConfigError, match="are the same run"):
+        plan("same", base, configurations=[{"lr": 0.01}, {"lr": 0.01}])
+    with pytest.raises(ConfigError, match="runs_dir cannot vary within a sweep"):
+        plan("fixed", base, configurations=[{"runs_dir": "elsewhere"}])
+
+
+def test_flow_signature_is_run_config() -> None:
+    from flows.fashion import fashion
+    from tasks.config import RunConfig
+
+    parameters, hints = inspect.signature(fashion.fn).parameters, typing.get_type_hints(fashion.fn)
+    assert list(parameters) == list(RunConfig.model_fields)
+    for name, field in RunConfig.model_fields.items():
+        assert parameters[name].default == field.get_default(call_default_factory=True), name
+        assert hints[name] == field.annotation, name
+
+
+def test_stage_names_are_the_pipelines(tmp_path: Path) -> None:
+    # --refresh validates against tasks.config.STAGES, which must be the chain the flows run, in order.
+    from flows.pipeline import run_stages
+    from tasks.config import STAGES, parse_config
+    from tasks.data import download_task
+
+    called: list[str] = []
+
+    def record(stage: typing.Any, **inputs: typing.Any) -> Path:
+        called.append(stage.name)
+        return tmp_path / f"{stage.name}.json"
+
+    run_stages(record, parse_config({"runs_dir": str(tmp_path)}), "cpu", dataset=tmp_path / "dataset.json")
+    assert list(STAGES) == [download_task.name, *called]
