@@ -27,7 +27,8 @@ from flows.command_line import TAG, fail, parse_command_line
 from flows.pipeline import for_run, run_stages
 from tasks.config import (
     BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
-    Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, documented_parameters, parse_config,
+    Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, ValidationSize, documented_parameters,
+    parse_config,
 )
 from tasks.data import download_task
 from tasks.devices import resolve_device
@@ -70,6 +71,7 @@ def fashion(
     log_every: LogEvery = DEFAULTS.log_every,
     checkpoint_every: CheckpointEvery = DEFAULTS.checkpoint_every,
     seed: Seed = DEFAULTS.seed,
+    validation_size: ValidationSize = DEFAULTS.validation_size,
     device: Device = DEFAULTS.device,
     mirror: Mirror = DEFAULTS.mirror,
     refresh: Refresh = DEFAULTS.refresh,

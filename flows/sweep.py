@@ -40,9 +40,13 @@ from tasks.local_server import local_server_settings, wait_until_recorded
 from tasks.lock import experiment_lock
 from tasks.report import report_task
 
-SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh")  # one value, the sweep's, for all
+# One value, the sweep's, for all; configurations validated on different images could not be compared.
+SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh", "validation_size")
 VARIABLE = tuple(name for name in RunConfig.model_fields if name not in SHARED)  # what a configuration may set
-METRIC = "test_accuracy"
+# The best configuration is picked on held-out training images, never on the test set, whose accuracy
+# (reported beside it) would otherwise be biased upward by the choice.
+METRIC, REPORTED = "validation_accuracy", "test_accuracy"
+VALIDATION_SIZE = 5000  # a sweep's default --validation-size
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,10 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
         raise ConfigError("give either a grid or a list of configurations")
     if "experiment" in base:
         raise ConfigError("--experiment is set per configuration by the sweep; name the sweep with --name")
-    base = shared_folders(base, name)
+    base = shared_folders({"validation_size": VALIDATION_SIZE} | base, name)
+    if not base["validation_size"]:
+        raise ConfigError("--validation-size 0: a sweep picks its best configuration on held-out training images, "
+                          f"never on the test set; give --validation-size N (default {VALIDATION_SIZE})")
     overrides = expand(grid) if grid is not None else configurations
     if not overrides:
         raise ConfigError("the sweep has no configurations")
@@ -272,8 +279,8 @@ def outcome(trial: Trial, dataset: PrefectFuture, chain: dict[str, PrefectFuture
             state = future.state.name if future.state.is_final() else "Crashed"
             return entry | {"state": state, "error": f"{stage}: {cause(future)}"}
     result = report.result()
-    return entry | {"state": "Completed", METRIC: result[METRIC], "mean_ap": result["mean_ap"],
-                    "train_dir": result["train_dir"]}
+    return entry | {"state": "Completed", METRIC: result[METRIC], REPORTED: result[REPORTED],
+                    "mean_ap": result["mean_ap"], "train_dir": result["train_dir"]}
 
 
 def stage_states(dataset: PrefectFuture, futures: dict[str, PrefectFuture]) -> dict[str, str]:
@@ -296,12 +303,13 @@ def cause(future: PrefectFuture) -> str:
 def describe(entry: dict[str, Any]) -> str:
     """A configuration's outcome as one log line."""
     if entry["state"] == "Completed":
-        return f"{entry['name']}: test accuracy {entry[METRIC]:.4f}, mean AP {entry['mean_ap']:.4f}"
+        return (f"{entry['name']}: validation accuracy {entry[METRIC]:.4f}, test accuracy {entry[REPORTED]:.4f}, "
+                f"mean AP {entry['mean_ap']:.4f}")
     return f"{entry['name']}: {entry['state']}, {entry['error']}"
 
 
 def summarise(name: str, trials: list[Trial], entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """sweep.json: every configuration with its result or failure, and the best by test accuracy."""
+    """sweep.json: every configuration with its result or failure, and the best by validation accuracy."""
     completed = [entry for entry in entries if entry["state"] == "Completed"]
     best = max(completed, key=lambda entry: entry[METRIC], default=None)  # the first of equals
     return {
@@ -312,8 +320,8 @@ def summarise(name: str, trials: list[Trial], entries: list[dict[str, Any]]) -> 
 
 def publish_table(name: str, entries: list[dict[str, Any]]) -> None:
     """The comparison as a Prefect table artifact: one row per configuration."""
-    rows = [entry["values"] | {METRIC: entry.get(METRIC), "mean_ap": entry.get("mean_ap"), "state": entry["state"],
-                               "error": entry.get("error", "")} for entry in entries]
+    rows = [entry["values"] | {METRIC: entry.get(METRIC), REPORTED: entry.get(REPORTED), "mean_ap": entry.get("mean_ap"),
+                               "state": entry["state"], "error": entry.get("error", "")} for entry in entries]
     key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") + "-sweep"
     create_table_artifact(rows, key=key, description=f"Sweep {name}: one row per configuration")
 
@@ -399,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep.py: error: {one_line(error)}", file=sys.stderr)
         return exit_status(error)
     best = summary["best"]
-    print(f"Best of {len(trials)}: {best['name']} (test accuracy {best[METRIC]:.4f}, run directory {best['run_dir']})")
+    print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
+          f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
     print(f"Comparison: {Path(summary['runs_dir']) / args.name / 'sweep.json'}")
     print(f"Open TensorBoard: tensorboard --logdir {Path(summary['runs_dir']) / args.name}")
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from tasks.config import ConfigError
+
 # The tutorial's transform, Normalize((0.5,), (0.5,)) after ToTensor, maps [0, 255] to [-1, 1].
 MEAN, STD = 0.5, 0.5
+SPLIT_SEED_OFFSET = 7919  # the validation split draws from a stream of its own, not the data order's
 
 
 def normalise(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -35,6 +38,31 @@ class SeededOrder:
     def next_epoch(self) -> torch.Tensor:
         """A permutation of range(size) for the next epoch."""
         return torch.randperm(self.size, generator=self.generator)
+
+
+def validation_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training images to train on and of `size` others to validate on, both ascending.
+
+    Stratified: each class gives its share of `size` (largest remainders first), so the validation
+    images have the training set's class mix. Seeded, from a generator of its own: the same labels,
+    size and seed always hold out the same images, whatever else the run does.
+    """
+    if size == 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    if size >= len(labels):
+        raise ConfigError(f"--validation-size {size} leaves none of the {len(labels)} training images to train on")
+    generator = torch.Generator().manual_seed(seed + SPLIT_SEED_OFFSET)
+    counts = torch.bincount(labels)  # (C,)
+    exact = counts.double() * size / len(labels)
+    shares = exact.floor().long()
+    remainders = (exact - shares).argsort(descending=True, stable=True)
+    shares[remainders[: size - int(shares.sum())]] += 1
+    held = [torch.nonzero(labels == label).flatten()[torch.randperm(int(count), generator=generator)[:share]]
+            for label, (count, share) in enumerate(zip(counts.tolist(), shares.tolist()))]
+    validation = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[validation] = False
+    return torch.nonzero(keep).flatten(), validation
 
 
 def batch_count(size: int, batch_size: int) -> int:

@@ -29,6 +29,9 @@ Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the 
 Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
 LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
+ValidationSize = Annotated[int, Field(ge=0, le=30000, description=(
+    "Training images held out, stratified by class and seeded, to validate on at each epoch's end (0: none; "
+    "sweeps: 5000)."))]
 Seed = Annotated[int, Field(ge=0, lt=2**31, description="Seed for the model's initial weights, the data order and the samples shown.")]
 Device = Annotated[str, Field(description="Where to train: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Mirror = Annotated[
@@ -63,6 +66,7 @@ class RunConfig(BaseModel):
     log_every: LogEvery = 1000
     checkpoint_every: CheckpointEvery = 2000
     seed: Seed = 0
+    validation_size: ValidationSize = 0
     device: Device = "auto"
     mirror: Mirror = None
     refresh: Refresh = Field(default_factory=list)

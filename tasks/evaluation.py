@@ -16,7 +16,7 @@ from tasks.events import read_scalars, replacing_writer
 from tasks.figures import confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure
 from tasks.files import atomic_write
 from tasks.progress import StepProgress
-from tasks.train import LOSS_TAG
+from tasks.train import LOSS_TAG, VALIDATION_ACCURACY_TAG, VALIDATION_LOSS_TAG
 
 EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
 CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
@@ -41,7 +41,9 @@ def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Te
     curves = {name: tuple(curve.numpy() for curve in precision_recall(probabilities[:, index], labels == index))
               for index, name in enumerate(CLASSES)}
     summary = summary_figure(read_scalars(out, LOSS_TAG), curves, confusion,
-                             f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}")
+                             f"{out.parent.name}/{out.name}: test accuracy {metrics['test_accuracy']:.4f}",
+                             validation_loss=read_scalars(out, VALIDATION_LOSS_TAG),
+                             validation_accuracy=read_scalars(out, VALIDATION_ACCURACY_TAG))
     drawn = {tag: pixels(figure) for tag, figure in by_tag.items()}  # each (H, W, 3), drawn once
     pictures = [save_png(rgb, out / f"{tag.replace(' ', '_')}.png") for tag, rgb in drawn.items()]
     pictures.append(save_png(pixels(summary), out / "summary.png"))

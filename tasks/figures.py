@@ -96,22 +96,34 @@ def summary_figure(
     pr_curves: dict[str, tuple[np.ndarray, np.ndarray]],
     confusion: np.ndarray,
     title: str,
+    validation_loss: list[tuple[int, float]] = (),
+    validation_accuracy: list[tuple[int, float]] = (),
 ) -> Figure:
-    """One page for someone who opens no TensorBoard: loss curve, PR curves and confusion matrix.
+    """One page for someone who opens no TensorBoard: loss curves, PR curves and confusion matrix.
 
     Args:
         loss: (step, training loss) points.
         pr_curves: class name -> (precision, recall) arrays.
         confusion: (C, C) counts, true class by row.
         title: the page's title (experiment and accuracy).
+        validation_loss, validation_accuracy: (step, value) points at each epoch's end, if validated.
     """
     figure = Figure(figsize=(18, 5.5), layout="constrained")
     figure.suptitle(title)
     loss_axes, pr_axes, confusion_axes = figure.subplots(1, 3)
-    if loss:
-        steps, values = zip(*loss)
-        loss_axes.plot(steps, values, marker="o", markersize=3)
-    loss_axes.set(title="training loss", xlabel="step", ylabel="mean cross-entropy")
+    for points, label, style in ((loss, "training", {"marker": "o", "markersize": 3}),
+                                 (validation_loss, "validation", {"marker": "s", "color": "tab:orange"})):
+        if points:
+            steps, values = zip(*points)
+            loss_axes.plot(steps, values, label=label, **style)
+    if validation_accuracy:
+        steps, values = zip(*validation_accuracy)
+        accuracy_axes = loss_axes.twinx()
+        accuracy_axes.plot(steps, values, marker="^", color="tab:green", label="validation accuracy")
+        accuracy_axes.set(ylabel="validation accuracy", ylim=(0, 1))
+    if validation_loss:
+        loss_axes.legend(fontsize=8, loc="upper right")
+    loss_axes.set(title="loss" if validation_loss else "training loss", xlabel="step", ylabel="mean cross-entropy")
     loss_axes.grid(alpha=0.3)
     for name, (precision, recall) in pr_curves.items():
         pr_axes.plot(recall, precision, label=name, linewidth=1.2)

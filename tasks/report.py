@@ -20,7 +20,7 @@ from tasks.files import atomic_write, atomic_write_json, digest_json, read_manif
 from tasks.train import Hyperparameters
 
 HPARAM_FIELDS = tuple(field.name for field in fields(Hyperparameters))  # what decides the weights
-HPARAM_METRICS = ("test_accuracy", "mean_ap")
+HPARAM_METRICS = ("test_accuracy", "mean_ap", "validation_accuracy", "validation_loss")  # those a run has
 
 
 def report(config: RunConfig, device: str, evaluation: Path, stages: dict[str, str]) -> dict[str, Any]:
@@ -33,10 +33,12 @@ def report(config: RunConfig, device: str, evaluation: Path, stages: dict[str, s
         stages: each stage's final Prefect state name ("Completed", "Cached").
 
     Returns:
-        `<run>/metrics.json`'s content: the evaluation's metrics plus where the outputs are.
+        `<run>/metrics.json`'s content: the evaluation's metrics, the validation's (where the training
+        held images out), and where the outputs are.
     """
     train_dir = Path(evaluation).parent
     metrics = json.loads((train_dir / "metrics.json").read_text())
+    metrics |= json.loads((train_dir / "training.json").read_text()).get("validation") or {}
     result = {**metrics, "run_dir": str(config.run_dir), "train_dir": str(train_dir), "device": device,
               "parameters": config.model_dump(), "stages": stages}
     atomic_write_json(config.run_dir / "metrics.json", result)
@@ -54,7 +56,7 @@ def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics:
     Written again only when something they show has changed: a cached rerun imports no torch for them.
     """
     values = {name: getattr(config, name) for name in HPARAM_FIELDS} | {"device": device}
-    results = {f"hparam/{name}": metrics[name] for name in HPARAM_METRICS}
+    results = {f"hparam/{name}": metrics[name] for name in HPARAM_METRICS if name in metrics}
     text = "```json\n" + json.dumps(config.model_dump(), indent=2) + "\n```"
     manifest_path = train_dir / "report.json"
     facts = {"inputs": digest_json([values, results, text, metrics["global_step"]])}

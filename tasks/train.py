@@ -14,6 +14,7 @@ from tasks.devices import cpu_threads, device_type
 from tasks.files import digest_json, read_manifest
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
+VALIDATION_LOSS_TAG, VALIDATION_ACCURACY_TAG = "validation loss", "validation accuracy"
 KEY_FILE = "key.json"  # in each training's folder: what its name is the digest of
 TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cached rerun never imports torch
 
@@ -29,6 +30,7 @@ class Hyperparameters:
     optimizer: str
     schedule: str
     seed: int
+    validation_size: int = 0  # training images held out for validation (tasks/batches.py: validation_split)
 
     @classmethod
     def of(cls, config: RunConfig) -> Hyperparameters:

@@ -24,10 +24,13 @@ from tasks.figure_worker import FigureWorker
 from tasks.files import atomic_write_json, naming, write_manifest
 from tasks.log import stage_logger
 from tasks.progress import StepProgress
-from tasks.train import KEY_FILE, LOSS_TAG, PREDICTIONS_TAG, Hyperparameters, training_key
+from tasks.train import (
+    KEY_FILE, LOSS_TAG, PREDICTIONS_TAG, VALIDATION_ACCURACY_TAG, VALIDATION_LOSS_TAG, Hyperparameters, training_key,
+)
 
 # Batches this small are bound by per-op overhead, where PyTorch's own convolutions beat oneDNN's.
 ONEDNN_MIN_BATCH = 9
+VALIDATION_BATCH = 1000  # validation is a few large matrix products, as evaluation is
 
 
 def run_training(
@@ -51,6 +54,10 @@ def run_training(
     atomic_write_json(out / KEY_FILE, key)  # for later trainings that may continue this one
 
     images, labels = load_split(dataset, "train")
+    validation = None
+    if hyperparameters.validation_size:
+        kept, held = batches.validation_split(labels, hyperparameters.validation_size, hyperparameters.seed)
+        validation, images, labels = (images[held], labels[held]), images[kept], labels[kept]
     started = time.perf_counter()
     loop = TrainingLoop(hyperparameters, device, len(images))
     if found is None and not refresh:
@@ -64,13 +71,13 @@ def run_training(
     writer = SummaryWriter(str(out), purge_step=loop.global_step + 1 if found else None, filename_suffix=".training")
     with naming(out):  # TensorBoard's writer says which error, not where
         try:
-            loop.run(images, labels, writer, store, log_every, checkpoint_every)
+            loop.run(images, labels, writer, store, log_every, checkpoint_every, validation)
         finally:
             writer.close()
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
     return write_manifest(
         manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,
-        training_loss=loop.last_loss,
+        training_loss=loop.last_loss, validation=loop.validation,
         hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
     )
 
@@ -142,6 +149,7 @@ class TrainingLoop:
         self.order_state = self.order.state()
         self.running_loss = torch.zeros((), device=self.device)
         self.last_loss: float | None = None  # the mean loss at the latest log point of this process
+        self.validation: dict[str, float] | None = None  # loss and accuracy at the latest epoch's end
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -172,9 +180,10 @@ class TrainingLoop:
 
     def run(
         self, images: torch.Tensor, labels: torch.Tensor, writer: SummaryWriter, store: CheckpointStore,
-        log_every: int, checkpoint_every: int,
+        log_every: int, checkpoint_every: int, validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Train from the current position to the last epoch, logging and checkpointing on the way."""
+        """Train from the current position to the last epoch, logging and checkpointing on the way;
+        validate on `validation` (uint8 images and labels held out of `images`) at each epoch's end."""
         images, labels = images.to(self.device), labels.to(self.device)  # 47 MB of uint8: one copy, then index
         progress = StepProgress("train", total=self.hp.epochs * self.batches_per_epoch, done=self.global_step)
         figures = FigureWorker(writer, PREDICTIONS_TAG, CLASSES)
@@ -194,6 +203,8 @@ class TrainingLoop:
                         self._checkpoint(writer, figures, store)
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.order_state = self.order.state()
+                if validation is not None:
+                    self._validate(writer, *validation)
                 self._checkpoint(writer, figures, store)
 
     def _step(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -225,6 +236,24 @@ class TrainingLoop:
             probabilities = torch.softmax(self.model(inputs[:4]), dim=1)  # (4, C)
             self.model.train()
         figures.log(self.global_step, raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
+
+    def _validate(self, writer: SummaryWriter, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Loss and accuracy on the held-out images (B, 28, 28), logged at the epoch's last step.
+
+        No randomness is drawn and no state changes: a validated training trains the same weights.
+        """
+        self.model.eval()
+        loss = correct = 0.0
+        with torch.no_grad():
+            for chunk, targets in zip(images.split(VALIDATION_BATCH), labels.split(VALIDATION_BATCH)):
+                logits = self.model(batches.normalise(chunk, self.device))  # (B, C)
+                targets = targets.to(self.device)
+                loss += self.criterion(logits, targets).item() * len(chunk)  # note: a host sync per chunk
+                correct += (logits.argmax(dim=1) == targets).sum().item()
+        self.model.train()
+        self.validation = {"validation_loss": loss / len(images), "validation_accuracy": correct / len(images)}
+        writer.add_scalar(VALIDATION_LOSS_TAG, self.validation["validation_loss"], self.global_step)
+        writer.add_scalar(VALIDATION_ACCURACY_TAG, self.validation["validation_accuracy"], self.global_step)
 
     def _checkpoint(self, writer: SummaryWriter, figures: FigureWorker, store: CheckpointStore) -> None:
         # Events first: every point up to this step must be on disk before a resume may start here.

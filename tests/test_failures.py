@@ -27,7 +27,7 @@ from tasks.failures import RunFailed, TransientError, exit_status, is_permanent,
 from tasks.faults import InjectedFault
 from tasks.lock import ExperimentBusyError
 from tasks.train import Hyperparameters, training_dir
-from tests.conftest import FLOW_SCRIPT, TINY, final_weights, same_weights, stop_local_server, tiny_args
+from tests.conftest import FLOW_SCRIPT, TINY, VALIDATION, final_weights, same_weights, stop_local_server, tiny_args
 from tests.mirror import serve_mirror
 
 ROOT = os.geteuid() == 0
@@ -219,7 +219,8 @@ def md5_of(path: Path) -> str:
 def test_sweep_reports_a_permanent_failure_in_its_line(prefect_api_url: str, synthetic_mirror: Path,
                                                        tmp_path: Path) -> None:
     configurations = [{"lr": 0.01}, {"lr": 0.05}]
-    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_mirror)}
+    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_mirror),
+                   "validation_size": VALIDATION}
     failing = plan("sweep", base, configurations=configurations)[1]
     dataset = download(base["data_dir"], mirror=base["mirror"])
     blocked = training_dir(dataset, str(failing.config.run_dir), Hyperparameters.of(failing.config), failing.device)

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from tasks.data import CLASSES
-from tests.conftest import expected_loss_steps, total_steps
+from tests.conftest import TINY, VALIDATION, expected_loss_steps, run_tiny_flow, total_steps
+from tests.synthetic import TRAIN_SIZE
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
 
@@ -70,3 +71,15 @@ def test_prefect_artifacts_summarise_the_run(finished_run: tuple[Path, dict]) ->
     rows = json.loads(tables[0].data)
     assert [row["class"] for row in rows] == list(CLASSES) and {"precision", "recall", "ap"} <= set(rows[0])
     assert any(artifact.data == 100.0 for artifact in progress)  # training's progress reached the end
+
+
+def test_validation_at_each_epochs_end(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) -> None:
+    result = run_tiny_flow(tmp_path, synthetic_mirror, experiment="validated", validation_size=VALIDATION)
+    epoch = total_steps(TINY | {"epochs": 1}, TRAIN_SIZE - VALIDATION)
+    runs = load_runs(Path(result["train_dir"]))
+    for tag in ("validation loss", "validation accuracy"):
+        assert scalar_steps(runs, ".", tag) == [epoch, 2 * epoch], tag  # beside the training loss, in its run
+    assert 0 <= result["validation_accuracy"] <= 1 and result["validation_loss"] > 0
+    metrics = json.loads((tmp_path / "runs" / "validated" / "metrics.json").read_text())
+    assert metrics["validation_accuracy"] == result["validation_accuracy"]
+    assert (Path(result["train_dir"]) / "summary.png").stat().st_size > 10_000

@@ -22,7 +22,7 @@ import pytest
 
 from tasks import local_server
 from tasks.polling import wait_for
-from tests.conftest import FLOW_SCRIPT, REPO, stop_local_server, tiny_args, wait_while_running
+from tests.conftest import FLOW_SCRIPT, REPO, VALIDATION, stop_local_server, tiny_args, wait_while_running
 
 SWEEP_SCRIPT = REPO / "flows" / "sweep.py"
 TASK_RUNS = 7  # of one flow run: the six stages and the report
@@ -153,7 +153,8 @@ def test_concurrent_first_runs_share_one_server_and_one_download(new_home: dict[
 @pytest.mark.slow
 def test_first_sweep_on_a_new_home(new_home: dict[str, str], synthetic_mirror: Path, tmp_path: Path) -> None:
     done = run(SWEEP_SCRIPT, "--grid", json.dumps({"lr": [0.01, 0.05]}), "--workers", "2",
-               "--mirror", str(synthetic_mirror), *tiny_args(epochs=1), env=new_home, cwd=tmp_path)
+               "--mirror", str(synthetic_mirror), *tiny_args(epochs=1, validation_size=VALIDATION), env=new_home,
+               cwd=tmp_path)
     assert_quiet(done)
     assert json.loads((tmp_path / "runs" / "sweep" / "sweep.json").read_text())["completed"] == 2
     flow_runs = recorded(new_home, "flow_runs")

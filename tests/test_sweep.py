@@ -12,7 +12,7 @@ from flows.sweep import main, plan
 from tasks.data import download
 from tasks.local_server import free_port
 from tasks.train import Hyperparameters, train_task, training_dir
-from tests.conftest import REPO, TINY, final_weights, same_weights, tiny_args
+from tests.conftest import REPO, TINY, VALIDATION, final_weights, run_tiny_flow, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
 
 
@@ -32,7 +32,7 @@ def dask_address(prefect_api_url: str, synthetic_folder: Path) -> Iterator[str]:
 def sweep_args(root: Path, mirror: Path, address: str) -> list[str]:
     """Folders under `root`, the synthetic mirror, the cluster and the tiny settings as base values."""
     return ["--runs-dir", str(root / "runs"), "--data-dir", str(root / "data"), "--mirror", str(mirror),
-            "--dask-address", address, *tiny_args(**TINY)]
+            "--dask-address", address, *tiny_args(validation_size=VALIDATION)]
 
 
 def read_summary(root: Path, name: str) -> dict:
@@ -40,7 +40,7 @@ def read_summary(root: Path, name: str) -> dict:
 
 
 def test_sweep_runs_every_configuration_and_names_the_best(
-    dask_address: str, synthetic_folder: Path, tmp_path: Path, finished_run: tuple[Path, dict]
+    dask_address: str, synthetic_folder: Path, tmp_path: Path
 ) -> None:
     rates = [0.002, TINY["lr"], 0.2]
     assert main(["--name", "sweep1", "--grid", json.dumps({"lr": rates}),
@@ -57,20 +57,22 @@ def test_sweep_runs_every_configuration_and_names_the_best(
         assert entry["state"] == "Completed" and "error" not in entry
         assert metrics["parameters"]["lr"] == rate and metrics["parameters"]["experiment"] == f"sweep1/{entry['name']}"
         assert entry["test_accuracy"] == metrics["test_accuracy"] and entry["mean_ap"] == metrics["mean_ap"]
+        assert entry["validation_accuracy"] == metrics["validation_accuracy"]
         train_dir = Path(metrics["train_dir"])
         assert train_dir.parent == run_dir
         for name in ("inspect.json", "graph.json", "summary.png", "projector_config.pbtxt"):
             assert (run_dir / name).is_file(), name
         for name in ("training.json", "model.pt", "evaluation.json", "metrics.json", "confusion_matrix.png"):
             assert (train_dir / name).is_file(), name
-        accuracies[entry["name"]] = metrics["test_accuracy"]
+        accuracies[entry["name"]] = metrics["validation_accuracy"]
         train_dirs.add(train_dir)
     assert len(train_dirs) == len(rates)
-    best = max(accuracies.values())
+    best = max(accuracies.values())  # chosen on validation: the test accuracy is only reported
+    assert summary["metric"] == "validation_accuracy"
     assert summary["best"]["name"] == next(name for name, accuracy in accuracies.items() if accuracy == best)
-    assert summary["best"]["test_accuracy"] == best and summary["failed"] == 0
+    assert summary["best"]["validation_accuracy"] == best and summary["failed"] == 0
     # Each worker process trains alone, so a run's weights are those of the same run made by flows/fashion.py.
-    single = finished_run[1]
+    single = run_tiny_flow(tmp_path / "single", synthetic_folder, validation_size=VALIDATION)
     [twin] = [entry for entry in entries if Path(entry["train_dir"]).name == Path(single["train_dir"]).name]
     assert twin["values"] == {"lr": TINY["lr"]} and same_weights(final_weights(twin), final_weights(single))
 
@@ -103,7 +105,8 @@ def test_failing_configuration_is_reported_and_rerun_trains_only_it(
     args = ["--name", "sweep2", "--configurations", json.dumps(configurations),
             *sweep_args(tmp_path, synthetic_folder, dask_address)]
     # A fault in one configuration only: a file where its training folder goes, so its train stage always fails.
-    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_folder)}
+    base = TINY | {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "mirror": str(synthetic_folder),
+                   "validation_size": VALIDATION}
     failing = plan("sweep2", base, configurations=configurations)[2]
     dataset = download(base["data_dir"], mirror=base["mirror"])
     blocker = training_dir(dataset, str(failing.config.run_dir), Hyperparameters.of(failing.config), failing.device)
@@ -201,7 +204,7 @@ def test_local_sweep_serves_its_dask_dashboard_and_writes_a_report(prefect_api_u
     process = subprocess.Popen(
         [sys.executable, str(REPO / "flows" / "sweep.py"), "--grid", json.dumps({"lr": [0.01, 0.05]}), "--workers", "2",
          "--dask-report", str(report), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
-         "--mirror", str(synthetic_mirror), *tiny_args(epochs=20)],
+         "--mirror", str(synthetic_mirror), *tiny_args(epochs=20, validation_size=VALIDATION)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in process.stdout:  # the dashboard's address is logged as the cluster starts

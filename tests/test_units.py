@@ -120,3 +120,39 @@ def test_stage_names_are_the_pipelines(tmp_path: Path) -> None:
 
     run_stages(record, parse_config({"runs_dir": str(tmp_path)}), "cpu", dataset=tmp_path / "dataset.json")
     assert list(STAGES) == [download_task.name, *called]
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint() -> None:
+    from tasks.batches import validation_split
+
+    labels = torch.arange(1000) % 10
+    labels[:100] = 0  # an uneven class mix: class 0 holds 19% of the images
+    kept, held = validation_split(labels, 100, seed=3)
+    again_kept, again_held = validation_split(labels, 100, seed=3)
+    assert torch.equal(kept, again_kept) and torch.equal(held, again_held)  # deterministic
+    assert not torch.equal(held, validation_split(labels, 100, seed=4)[1])  # and seeded
+    assert len(held) == 100 and len(kept) == 900 and not set(kept.tolist()) & set(held.tolist())
+    assert sorted(kept.tolist() + held.tolist()) == list(range(1000))
+    assert torch.bincount(labels[held]).tolist() == [19] + [9] * 9  # the training set's mix
+
+
+def test_sweep_selects_on_validation_not_test() -> None:
+    from flows.sweep import summarise
+
+    entries = [
+        {"name": "a", "state": "Completed", "validation_accuracy": 0.80, "test_accuracy": 0.90},
+        {"name": "b", "state": "Completed", "validation_accuracy": 0.85, "test_accuracy": 0.70},
+        {"name": "c", "state": "Failed", "error": "train: ..."},
+    ]
+    trials = [type("Trial", (), {"config": type("Config", (), {"runs_dir": "runs"})(), "values": {"lr": 0.1}})()]
+    summary = summarise("s", trials, entries)
+    assert summary["best"]["name"] == "b" and summary["best"]["test_accuracy"] == 0.70
+    assert (summary["completed"], summary["failed"]) == (2, 1)
+
+
+def test_sweep_without_validation_is_refused(tmp_path: Path) -> None:
+    from flows.sweep import plan
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--validation-size 0: a sweep picks its best configuration on held-out"):
+        plan("s", {"runs_dir": str(tmp_path), "validation_size": 0}, grid={"lr": [0.01, 0.1]})
