@@ -90,7 +90,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
     version = state.get("format", 1)
-    if not isinstance(version, int) or version > FORMAT:
+    if not isinstance(version, int):
+        raise ValueError(f"not a checkpoint format: {version!r}")
+    if version > FORMAT:
         raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
                                     "run the version of the project that wrote it, or --refresh train")
     if version == 1:

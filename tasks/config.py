@@ -97,7 +97,7 @@ class RunConfig(BaseModel):
     def _usable_mirror(cls, mirror: str | None) -> str | None:
         if mirror is None or mirror == "":
             return None
-        if is_url(mirror) or Path(mirror).is_dir():
+        if is_url(mirror) or os.path.isdir(mirror):
             return mirror
         raise ValueError(f"{mirror!r} is neither an http(s) URL nor an existing folder")
 
@@ -112,7 +112,7 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _folders_usable(self) -> RunConfig:
         for flag, folder in (("--data-dir", self.data_dir), ("--runs-dir", self.runs_dir)):
-            if Path(folder).exists() and not Path(folder).is_dir():
+            if os.path.exists(folder) and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {folder!r} is a file, not a folder")
             if problem := _unwritable(Path(folder)):
                 raise ValueError(f"{flag} {folder!r} {problem}")
@@ -121,7 +121,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"--experiment: {longest[:20]!r}... is {len(longest.encode())} bytes long, more than a "
                              f"file name may be here ({limit}); choose a shorter name")
         run = Path(self.experiment)
-        if any((Path(self.runs_dir) / run.parents[i]).is_file() for i in range(len(run.parents))):
+        if any(os.path.isfile(Path(self.runs_dir) / run.parents[i]) for i in range(len(run.parents))):
             raise ValueError(f"--experiment {self.experiment!r} would put the run directory below a file")
         return self
 

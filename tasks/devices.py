@@ -24,7 +24,8 @@ def cpu_threads(batch_size: int) -> int:
     if batch_size <= 16:
         return 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return int(os.environ.get("OMP_NUM_THREADS") or usable)
+    first = (os.environ.get("OMP_NUM_THREADS") or "").split(",")[0].strip()  # OpenMP allows "4,2"
+    return int(first) if first.isdigit() and int(first) > 0 else usable
 
 
 def resolve_device(requested: str) -> str:

@@ -103,8 +103,11 @@ def _no_more_flow_retries() -> None:
     if context is None or context.flow_run is None:
         return
     run = context.flow_run
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(run.id, empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
+    except Exception as error:  # noqa: BLE001  (the run fails in its one line either way; a retry fails the same)
+        logging.getLogger(__name__).warning("could not spend the flow run's retries: %s", one_line(error))
 
 
 class KnownFailureTracebacks(logging.Filter):

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 def nearest_existing(folder: Path) -> Path:
     """`folder` (made absolute) if it exists, else its nearest existing parent."""
     folder = Path(folder).absolute()
-    while not folder.exists():
+    while not os.path.exists(folder):  # False, not an error, for a path this user may not look into
         folder = folder.parent
     return folder
 
@@ -50,8 +50,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
             with os.fdopen(handle, "wb") as stream:
+                os.fchmod(stream.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give it the mode open() would
                 recording = _RecordingStream(stream)
                 try:
                     write(recording)  # type: ignore[arg-type]  (a stream's write and flush)

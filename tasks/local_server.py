@@ -36,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from tasks.polling import wait_for
 TESTED_PREFECT = "3.9"  # the Prefect minor release whose internals this module uses; pinned in pyproject.toml
 STARTUP_SECONDS = 120.0  # a new database on a slow machine takes tens of seconds to migrate
 IDLE_ENV, IDLE_DEFAULT = "FASHION_SERVER_IDLE_SECONDS", 900.0
-STATE, START_LOCK, LEASE, LOG = "server.json", "server.lock", "server.lease", "server.log"
+STATE, START_LOCK, LEASE, ALIVE, LOG = "server.json", "server.lock", "server.lease", "server.alive", "server.log"
 # Off on the local server unless set by the user (environment or profile). A server for local runs
 # schedules no deployments and has no workers, so late runs, the foreman, repossession, pause
 # expirations and cancellation clean-up have nothing to act on; automations (triggers) belong on a
@@ -89,6 +88,7 @@ class LocalServer:
     url: str  # http://127.0.0.1:PORT/api
     pid: int
     idle_seconds: float  # how long it stays up once no run uses it and nobody looks
+    prefect: str  # the Prefect version it runs
 
     @property
     def ui_url(self) -> str:
@@ -99,7 +99,6 @@ class LocalServer:
         return round(self.idle_seconds / 60)
 
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
 _pending: tuple[Path, subprocess.Popen | None] | None = None  # the home, and the server this run started
 _error: LocalServerError | None = None
 _server: LocalServer | None = None
@@ -132,7 +131,7 @@ def start() -> None:
     try:
         home.mkdir(parents=True, exist_ok=True)
         _hold_lease(home)
-        process = None if running(home) else _spawn(home)
+        process = None if running(home) or _alive_lock_held(home) else _spawn(home)
     except (LocalServerError, OSError) as error:
         _error = error if isinstance(error, LocalServerError) else LocalServerError(
             f"cannot start the local Prefect server in {home}: {error.strerror or error}")
@@ -174,17 +173,26 @@ def wait_until_recorded(flow_run_id: Any, timeout: float = 30.0) -> None:
     if _server is None:
         return
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
 
-    with get_client(sync_client=True) as client:
-        def recorded() -> bool:
+    unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+        any_=[StateType.PENDING, StateType.SCHEDULED, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING])))
+
+    def done() -> bool:
+        try:
             if not client.read_flow_run(flow_run_id).state.is_final():
                 return False
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return all(run.state is not None and run.state.is_final() for run in runs)
+            return not client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), task_run_filter=unfinished,
+                limit=1)
+        except Exception:  # noqa: BLE001  (a busy server: ask again)
+            return False
 
-        with contextlib.suppress(TimeoutError):  # the run's outputs are on disk either way
-            wait_for(recorded, "the local Prefect server recording the run", timeout, interval=0.02)
+    with get_client(sync_client=True) as client, contextlib.suppress(TimeoutError):
+        wait_for(done, "the local Prefect server recording the run", timeout, interval=0.02)  # outputs are on disk
 
 
 def untested_release() -> str | None:
@@ -219,19 +227,45 @@ def _fall_back(problem: str) -> None:
 
 
 def running(home: Path) -> LocalServer | None:
-    """The server recorded in `home` if it answers, else None."""
-    try:
-        state = json.loads((home / STATE).read_text())
-        with _DIRECT.open(f"{state['url']}/health", timeout=2):
-            pass
-    except (OSError, ValueError, KeyError):
+    """The server of `home` if one is serving, else None (none, or one still starting).
+
+    Whether a server lives is its lock's word, not an answer over HTTP, which a busy server may be
+    slow to give: the server holds `server.alive` for its whole life, and writes server.json once it
+    serves.
+    """
+    server = recorded(home)
+    if server is None:
         return None
     import prefect
 
-    if state.get("prefect") != prefect.__version__:
-        raise LocalServerError(f"the local Prefect server of {home} runs Prefect {state.get('prefect')}, this is "
+    if server.prefect != prefect.__version__:
+        raise LocalServerError(f"the local Prefect server of {home} runs Prefect {server.prefect}, this is "
                                f"{prefect.__version__}: stop it (python -m tasks.local_server stop)")
-    return LocalServer(state["url"], state["pid"], state["idle_seconds"])
+    return server
+
+
+def recorded(home: Path) -> LocalServer | None:
+    """The server that server.json records, if it is alive; of whatever Prefect version."""
+    if not _alive_lock_held(home):
+        return None
+    try:
+        state = json.loads((home / STATE).read_text())
+        return LocalServer(state["url"], state["pid"], state["idle_seconds"], state["prefect"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # starting: it writes server.json once it serves
+
+
+def _alive_lock_held(home: Path) -> bool:
+    """Whether a server process holds `home`'s `server.alive` lock (the kernel drops it when it dies)."""
+    try:
+        with open(home / ALIVE, "a+") as alive:
+            try:
+                fcntl.flock(alive, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except OSError:
+        return False
+    return False
 
 
 def _hold_lease(home: Path) -> None:
@@ -260,6 +294,8 @@ def _wait_until_running(home: Path, process: subprocess.Popen | None) -> LocalSe
         nonlocal process
         if server := running(home):
             return server
+        if _alive_lock_held(home):
+            return None  # a server is starting: wait for it
         if process is None or process.poll() == 0:
             # The server seen by start() has stopped since, or the one started found another that has.
             process = _spawn(home)
@@ -284,6 +320,11 @@ def serve(home: Path) -> int:
     idle_seconds = float(os.environ.get(IDLE_ENV) or IDLE_DEFAULT)
     start_lock = open(home / START_LOCK, "a+")  # noqa: SIM115
     fcntl.flock(start_lock, fcntl.LOCK_EX)  # one server starts at a time; the others find it running
+    alive = open(home / ALIVE, "a+")  # noqa: SIM115  (locked for this process's whole life)
+    try:
+        fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another server lives (serving, or stopping): runs use it, or start anew once it is gone
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
     # reply on a kept-alive connection waits for a delayed ACK (tens of milliseconds a request).
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -292,9 +333,7 @@ def serve(home: Path) -> int:
     # Before Prefect reads its settings: what the UI in the browser talks to.
     os.environ.setdefault("PREFECT_SERVER_UI_API_URL", url)
 
-    with contextlib.suppress(LocalServerError):
-        if running(home):
-            return 0
+    (home / STATE).unlink(missing_ok=True)  # a dead server's
     if problem := incompatibility():
         print(problem, flush=True)  # the last line of the log: the run's warning quotes it
         return INCOMPATIBLE_STATUS
@@ -316,7 +355,7 @@ def serve(home: Path) -> int:
         fcntl.flock(start_lock, fcntl.LOCK_UN)
         while not server.should_exit:
             time.sleep(1)
-            if _recorded_pid(home) != os.getpid():  # stopped, or the Prefect home was removed
+            if not (home / STATE).exists():  # the Prefect home was removed
                 break
             try:
                 fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -328,8 +367,7 @@ def serve(home: Path) -> int:
                 continue
             break  # idle: keep the lease (exclusive) until exit, so no run starts on a server that is stopping
         with contextlib.suppress(FileNotFoundError):
-            if _recorded_pid(home) == os.getpid():
-                (home / STATE).unlink()
+            (home / STATE).unlink()
         server.should_exit = True
 
     threading.Thread(target=watch, daemon=True).start()
@@ -359,13 +397,6 @@ def _write_state(home: Path, state: dict[str, Any]) -> None:
     atomic_write_json(home / STATE, state)
 
 
-def _recorded_pid(home: Path) -> int | None:
-    try:
-        return json.loads((home / STATE).read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def _flock(stream: IO[str], operation: int, what: str, timeout: float = STARTUP_SECONDS) -> None:
     """flock(2) `stream`, waiting at most `timeout` seconds."""
     def taken() -> bool:
@@ -386,7 +417,7 @@ def _flock(stream: IO[str], operation: int, what: str, timeout: float = STARTUP_
 
 def stop(home: Path, timeout: float = 30.0) -> str:
     """Stop the server of `home` once no run uses it; returns what happened, as a sentence."""
-    server = running(home)
+    server = recorded(home)  # of any Prefect version: stopping one after an upgrade is the point
     if server is None:
         return f"no local Prefect server runs for {home}"
     with open(home / LEASE, "a+") as lease:
@@ -395,20 +426,14 @@ def stop(home: Path, timeout: float = 30.0) -> str:
         except BlockingIOError:
             raise LocalServerError(f"runs are using the local Prefect server at {server.ui_url}; "
                                    "it stops by itself once they end and it has been idle") from None
-        os.kill(server.pid, signal.SIGTERM)
-        try:
-            wait_for(lambda: not _alive(server.pid), "the local Prefect server stopping", timeout, interval=0.05)
-        except TimeoutError:
-            os.kill(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have just stopped by itself
+            os.kill(server.pid, signal.SIGTERM)
+            try:
+                wait_for(lambda: not _alive_lock_held(home), "the local Prefect server stopping", timeout,
+                         interval=0.05)
+            except TimeoutError:
+                os.kill(server.pid, signal.SIGKILL)
     return f"stopped the local Prefect server at {server.ui_url}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def free_port() -> int:
@@ -434,7 +459,7 @@ def main(argv: list[str]) -> int:
             with local_server_settings() as server:
                 print(f"the local Prefect server of {home}: {server.ui_url}" if server else "a Prefect server is configured")
         elif command == "status":
-            server = running(home)
+            server = recorded(home)
             print(f"the local Prefect server of {home}: {server.ui_url} (pid {server.pid}; log {home / LOG})"
                   if server else f"no local Prefect server runs for {home}")
         else:

@@ -67,7 +67,10 @@ def _locked(lock_path: Path) -> IO[str]:
     """The lock file, opened and exclusively locked; ExperimentBusyError if another run holds it."""
     while True:
         lock_path.parent.mkdir(parents=True, exist_ok=True)  # gone if its last run just removed it
-        handle = open(lock_path, "a+")  # noqa: SIM115  (closed by experiment_lock)
+        try:
+            handle = open(lock_path, "a+")  # noqa: SIM115  (closed by experiment_lock)
+        except FileNotFoundError:  # ... between the mkdir and the open
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -20,6 +20,7 @@ from tasks.checkpoint import CheckpointStore, load_checkpoint
 from tasks.data import CLASSES, load_split
 from tasks.devices import cpu_threads
 from tasks.faults import fault_point
+from tasks.failures import one_line
 from tasks.figure_worker import FigureWorker
 from tasks.files import atomic_write_json, naming, write_manifest
 from tasks.log import stage_logger
@@ -119,7 +120,8 @@ def continue_shorter(out: Path, key: dict[str, Any], store: CheckpointStore,
     step, source = best
     try:
         state = load_checkpoint(source)
-    except ValueError:
+    except Exception as error:  # noqa: BLE001  (unusable, or of a newer format: this training starts over)
+        stage_logger().info("Starting over instead of continuing %s: %s", source, one_line(error))
         return None
     if state["batches_done"] != 0 or state["epoch"] * batches_per_epoch != step:
         return None  # not the epoch's end after all
