@@ -15,7 +15,7 @@ import re
 import socket
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class SweepFailed(RunFailed):
 
 
 def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = None,
-         configurations: list[dict[str, Any]] | None = None) -> list[Trial]:
+         configurations: list[dict[str, Any]] | None = None, halving: int | None = None) -> list[Trial]:
     """Check every configuration of a sweep before any work; a bad one is a one-line ConfigError.
 
     Args:
@@ -72,6 +72,8 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
         base: RunConfig values every configuration starts from (not `experiment`).
         grid: parameter -> list of values, expanded as a product, in the grid's key order.
         configurations: or a list of parameter overrides, one configuration each.
+        halving: successive halving's ETA, or None; its rungs continue trainings, so every
+            configuration must have the constant schedule and the same epochs.
     """
     if (grid is None) == (configurations is None):
         raise ConfigError("give either a grid or a list of configurations")
@@ -107,7 +109,38 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
             where = f"configuration {_show(override)}: " if "device" in override else ""
             raise ConfigError(f"{where}{error}") from None
         trials.append(Trial(label, values, config, device))
+    if halving is not None:
+        check_halving(trials, halving)
     return trials
+
+
+def check_halving(trials: list[Trial], eta: int) -> None:
+    """A ConfigError unless successive halving with `eta` can run these trials."""
+    if eta < 2:
+        raise ConfigError(f"--halving {eta}: keep 1 in ETA configurations per rung, ETA at least 2")
+    if cycling := [trial for trial in trials if trial.config.schedule != "constant"]:
+        raise ConfigError(f"--halving: {cycling[0].name} uses the {cycling[0].config.schedule} schedule, which "
+                          "depends on the epoch count and so cannot continue to a larger budget; use --schedule constant")
+    if len({trial.config.epochs for trial in trials}) > 1:
+        raise ConfigError("--halving sets each rung's epochs: give every configuration the same --epochs")
+    if len(rung_epochs(trials[0].config.epochs, eta)) < 2:
+        raise ConfigError(f"--halving {eta} with --epochs {trials[0].config.epochs}: one rung only; "
+                          f"give --epochs {eta} or more")
+
+
+def rung_epochs(epochs: int, eta: int | None) -> list[int]:
+    """Each rung's epochs, the last the full count: epochs 4, ETA 2 -> [1, 2, 4]; no halving -> [epochs]."""
+    budgets = [epochs]
+    while eta and budgets[0] // eta >= 1:
+        budgets.insert(0, budgets[0] // eta)
+    return budgets
+
+
+def promote(entries: list[dict[str, Any]], eta: int) -> list[str]:
+    """The names of the best 1/`eta` of a rung's completed configurations by validation accuracy (at least one)."""
+    completed = [entry for entry in entries if entry["state"] == "Completed"]
+    ranked = sorted(completed, key=lambda entry: -entry[METRIC])  # stable: the first of equals first
+    return [entry["name"] for entry in ranked[: max(1, len(entries) // eta)]]
 
 
 def shared_folders(base: dict[str, Any], name: str) -> dict[str, Any]:
@@ -211,13 +244,17 @@ def sweep(
     grid: dict[str, list[Any]] | None = None,
     configurations: list[dict[str, Any]] | None = None,
     base: dict[str, Any] | None = None,
+    halving: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline for every configuration in parallel, sharing one download; write the comparison.
+
+    With `halving` (ETA), successive halving: every configuration trains for the first rung's epochs,
+    the best 1/ETA by validation accuracy continue to the next rung, and so on up to the full epochs.
 
     Returns the content of `<runs-dir>/<name>/sweep.json`; raises SweepFailed, after writing it,
     when a configuration failed (its retries spent).
     """
-    trials = plan(name, base or {}, grid, configurations)
+    trials = plan(name, base or {}, grid, configurations, halving)
     shared = trials[0].config
     sweep_dir = Path(shared.runs_dir) / name
     refresh = set(shared.refresh)
@@ -226,12 +263,22 @@ def sweep(
             locks.enter_context(experiment_lock(folder))
         dataset = download_task.submit(data_dir=shared.data_dir, mirror=shared.source, refresh="download" in refresh)
         dataset.result()  # the one download, before fanning out; its failure fails the sweep
-        chains = [submit_stages(trial, dataset, refresh) for trial in trials]
-        reports = [submit_report(trial, dataset, chain) for trial, chain in zip(trials, chains)]
-        entries = [outcome(trial, dataset, chain, report) for trial, chain, report in zip(trials, chains, reports)]
-        for entry in entries:
-            print(describe(entry))
-        summary = summarise(name, trials, entries)
+        latest: dict[str, dict[str, Any]] = {}  # each configuration's entry at the last rung it reached
+        rungs, alive = [], trials
+        for epochs in rung_epochs(shared.epochs, halving):
+            rung = [replace(trial, config=trial.config.model_copy(update={"epochs": epochs})) for trial in alive]
+            chains = [submit_stages(trial, dataset, refresh) for trial in rung]
+            reports = [submit_report(trial, dataset, chain) for trial, chain in zip(rung, chains)]
+            entries = [outcome(trial, dataset, chain, report) for trial, chain, report in zip(rung, chains, reports)]
+            for entry in entries:
+                print(describe(entry))
+                latest[entry["name"]] = entry
+            promoted = promote(entries, halving) if epochs < shared.epochs else []
+            rungs.append({"epochs": epochs, "trained": [entry["name"] for entry in entries], "promoted": promoted,
+                          METRIC: {entry["name"]: entry.get(METRIC) for entry in entries}})
+            alive = [trial for trial in alive if trial.name in promoted]
+        entries = [latest[trial.name] for trial in trials]
+        summary = summarise(name, trials, entries) | ({"halving": halving, "rungs": rungs} if halving else {})
         atomic_write_json(sweep_dir / "sweep.json", summary)
         publish_table(name, entries)
     failed = [entry for entry in entries if entry["state"] != "Completed"]
@@ -270,7 +317,7 @@ def outcome(trial: Trial, dataset: PrefectFuture, chain: dict[str, PrefectFuture
     for future in futures.values():
         future.wait()
     entry: dict[str, Any] = {
-        "name": trial.name, "experiment": trial.config.experiment, "values": trial.values,
+        "name": trial.name, "experiment": trial.config.experiment, "values": trial.values, "epochs": trial.config.epochs,
         "run_dir": str(trial.config.run_dir),
         "stages": stage_states(dataset, futures),
     }
@@ -311,7 +358,9 @@ def describe(entry: dict[str, Any]) -> str:
 def summarise(name: str, trials: list[Trial], entries: list[dict[str, Any]]) -> dict[str, Any]:
     """sweep.json: every configuration with its result or failure, and the best by validation accuracy."""
     completed = [entry for entry in entries if entry["state"] == "Completed"]
-    best = max(completed, key=lambda entry: entry[METRIC], default=None)  # the first of equals
+    full = max((entry.get("epochs", 0) for entry in completed), default=0)  # with halving: the last rung's
+    best = max((entry for entry in completed if entry.get("epochs", 0) == full), key=lambda entry: entry[METRIC],
+               default=None)  # the first of equals
     return {
         "name": name, "runs_dir": trials[0].config.runs_dir, "varied": list(trials[0].values), "metric": METRIC,
         "best": best, "completed": len(completed), "failed": len(entries) - len(completed), "configurations": entries,
@@ -320,8 +369,9 @@ def summarise(name: str, trials: list[Trial], entries: list[dict[str, Any]]) -> 
 
 def publish_table(name: str, entries: list[dict[str, Any]]) -> None:
     """The comparison as a Prefect table artifact: one row per configuration."""
-    rows = [entry["values"] | {METRIC: entry.get(METRIC), REPORTED: entry.get(REPORTED), "mean_ap": entry.get("mean_ap"),
-                               "state": entry["state"], "error": entry.get("error", "")} for entry in entries]
+    rows = [entry["values"] | {"epochs": entry.get("epochs"), METRIC: entry.get(METRIC), REPORTED: entry.get(REPORTED),
+                               "mean_ap": entry.get("mean_ap"), "state": entry["state"], "error": entry.get("error", "")}
+            for entry in entries]
     key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") + "-sweep"
     create_table_artifact(rows, key=key, description=f"Sweep {name}: one row per configuration")
 
@@ -368,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Run on this existing Dask scheduler instead of a temporary local cluster.")
     where.add_argument("--workers", type=positive, metavar="N",
                        help="Worker processes of the local cluster (default: one per CPU core, at most one per run).")
+    parser.add_argument("--halving", type=positive, metavar="ETA",
+                        help="Successive halving: every configuration trains for the first rung's epochs, the best "
+                             "1/ETA by validation accuracy continue to the next, up to --epochs.")
     parser.add_argument("--dask-report", metavar="FILE",
                         help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
     return parser
@@ -383,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if serve:
             raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
         base = PRESETS[preset] | base
-        trials = plan(args.name, base, args.grid, args.configurations)
+        trials = plan(args.name, base, args.grid, args.configurations, args.halving)
         if args.dask_address:
             check_scheduler(args.dask_address)
     except ConfigError as error:
@@ -396,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         with local_server_settings():
             with tags(TAG):
                 state = sweep.with_options(task_runner=runner)(
-                    name=args.name, grid=args.grid, configurations=args.configurations, base=base, return_state=True,
+                    name=args.name, grid=args.grid, configurations=args.configurations, base=base,
+                    halving=args.halving, return_state=True,
                 )
             wait_until_recorded(state.state_details.flow_run_id)
         summary = state.result()

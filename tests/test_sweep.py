@@ -221,3 +221,56 @@ def test_local_sweep_serves_its_dask_dashboard_and_writes_a_report(prefect_api_u
         if process.poll() is None:
             process.kill()
     assert report.stat().st_size > 10_000 and "Dask Performance Report" in report.read_text()
+
+
+@pytest.mark.slow
+def test_halving_trains_the_expected_steps_and_resumes_after_sigkill(prefect_api_url: str, synthetic_mirror: Path,
+                                                                     tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.polling import wait_for
+    from tests.synthetic import TRAIN_SIZE
+
+    rates = [0.002, 0.01, 0.02, 0.2]
+    command = [sys.executable, str(REPO / "flows" / "sweep.py"), "--name", "halving", "--grid", json.dumps({"lr": rates}),
+               "--halving", "2", "--workers", "2", "--runs-dir", str(tmp_path / "runs"), "--data-dir",
+               str(tmp_path / "data"), "--mirror", str(synthetic_mirror), *tiny_args(validation_size=VALIDATION)]
+    epoch = (TRAIN_SIZE - VALIDATION) // TINY["batch_size"]  # steps of one epoch
+    sweep_dir = tmp_path / "runs" / "halving"
+
+    def second_rung_training() -> list[Path]:  # a checkpoint of rung 2 past the continued one
+        return [path for path in sweep_dir.glob("*/train-*/checkpoints/step-*.pt")
+                if int(path.stem.removeprefix("step-")) > epoch]
+
+    # Killed with its workers (as by a crash) once rung 2 trains, then run again: it resumes.
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        wait_for(lambda: second_rung_training() or process.poll() is not None, "rung 2 training", 300, interval=0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    [first, second] = summary["rungs"]
+    assert (first["epochs"], second["epochs"]) == (1, 2) and len(first["trained"]) == 4
+    assert second["trained"] == first["promoted"] and len(first["promoted"]) == 2
+    ranked = sorted(first["trained"], key=lambda name: -first["validation_accuracy"][name])
+    assert first["promoted"] == ranked[:2]
+    assert summary["best"]["name"] in second["trained"] and summary["best"]["epochs"] == 2
+    # Exactly the expected steps: one epoch for each of the four, one more for each promoted one,
+    # which continued its own first epoch (no training of another length exists).
+    trainings = {path.parent.name: json.loads(path.read_text()) for path in sweep_dir.glob("*/train-*/training.json")}
+    steps = sorted((training["hyperparameters"]["epochs"], training["global_step"]) for training in trainings.values())
+    assert steps == [(1, epoch)] * 4 + [(2, 2 * epoch)] * 2
+    # The rerun trained nothing twice: the first rung came from the cache, rung 2 resumed where it was killed.
+    dropped = [entry for entry in summary["configurations"] if entry["name"] not in second["trained"]]
+    assert [entry["stages"]["train"] for entry in dropped] == ["Cached", "Cached"]
+    assert "Resuming from" in done.stderr

@@ -156,3 +156,20 @@ def test_sweep_without_validation_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="--validation-size 0: a sweep picks its best configuration on held-out"):
         plan("s", {"runs_dir": str(tmp_path), "validation_size": 0}, grid={"lr": [0.01, 0.1]})
+
+
+def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
+    from flows.sweep import plan, promote, rung_epochs
+    from tasks.config import ConfigError
+
+    assert rung_epochs(4, 2) == [1, 2, 4] and rung_epochs(15, 3) == [1, 5, 15] and rung_epochs(3, None) == [3]
+    entries = [{"name": name, "state": "Completed", "validation_accuracy": accuracy}
+               for name, accuracy in (("a", 0.5), ("b", 0.9), ("c", 0.7), ("d", 0.9))]
+    assert promote(entries, 2) == ["b", "d"] and promote(entries[:1], 2) == ["a"]
+    base = {"runs_dir": str(tmp_path), "epochs": 2}
+    with pytest.raises(ConfigError, match="uses the onecycle schedule, which depends on the epoch count"):
+        plan("h", base, configurations=[{"lr": 0.1}, {"schedule": "onecycle"}], halving=2)
+    with pytest.raises(ConfigError, match="give every configuration the same --epochs"):
+        plan("h", base, configurations=[{"lr": 0.1}, {"epochs": 4}], halving=2)
+    with pytest.raises(ConfigError, match="one rung only"):
+        plan("h", base | {"epochs": 1}, grid={"lr": [0.1, 0.2]}, halving=2)
