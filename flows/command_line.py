@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="?", const="all", metavar="STAGES",
                                 type=lambda text: [stage.strip() for stage in text.split(",") if stage.strip()],
                                 help=f"{field.description} Alone: all stages.")
+        elif field.annotation is bool:
+            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL",
+                                help=f"{field.description} Alone: on. (default: {'on' if default else 'off'})")
         else:
             choices = get_args(field.annotation) if name in ("optimizer", "schedule") else None
             parser.add_argument(flag, choices=choices, help=f"{field.description} (default: {default})")

@@ -26,9 +26,9 @@ from prefect.runtime import flow_run
 from flows.command_line import TAG, fail, parse_command_line
 from flows.pipeline import for_run, run_stages
 from tasks.config import (
-    BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LearningRate, LogEvery, Mirror,
-    Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, ValidationSize, documented_parameters,
-    parse_config,
+    Augment, BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LabelSmoothing,
+    LearningRate, LogEvery, Mirror, Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, ValidationSize,
+    documented_parameters, parse_config,
 )
 from tasks.data import download_task
 from tasks.devices import resolve_device
@@ -72,6 +72,8 @@ def fashion(
     checkpoint_every: CheckpointEvery = DEFAULTS.checkpoint_every,
     seed: Seed = DEFAULTS.seed,
     validation_size: ValidationSize = DEFAULTS.validation_size,
+    augment: Augment = DEFAULTS.augment,
+    label_smoothing: LabelSmoothing = DEFAULTS.label_smoothing,
     device: Device = DEFAULTS.device,
     mirror: Mirror = DEFAULTS.mirror,
     refresh: Refresh = DEFAULTS.refresh,

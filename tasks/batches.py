@@ -9,6 +9,7 @@ from tasks.config import ConfigError
 # The tutorial's transform, Normalize((0.5,), (0.5,)) after ToTensor, maps [0, 255] to [-1, 1].
 MEAN, STD = 0.5, 0.5
 SPLIT_SEED_OFFSET = 7919  # the validation split draws from a stream of its own, not the data order's
+AUGMENT_SEED_OFFSET = 104729  # and so does augmentation
 
 
 def normalise(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -16,6 +17,32 @@ def normalise(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     # Copy the small uint8 batch first, then convert there: 4x less to move than float32.
     x = images.to(device, non_blocking=True).unsqueeze(1).float()
     return x.div_(255).sub_(MEAN).div_(STD)
+
+
+class Augmentation:
+    """Random shifts of up to `shift` pixels and horizontal flips of half the images, drawn from one seeded
+    generator whose state a checkpoint keeps, so that a resumed training draws the same ones."""
+
+    def __init__(self, seed: int, shift: int = 2) -> None:
+        self.shift = shift
+        self.generator = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W) -> the same, each shifted (zeros come in) and maybe flipped."""
+        count, height, width = images.shape
+        offsets = torch.randint(0, 2 * self.shift + 1, (2, count), generator=self.generator).to(images.device)
+        flips = (torch.rand(count, generator=self.generator) < 0.5).to(images.device)
+        padded = torch.nn.functional.pad(images, (self.shift,) * 4)  # (B, H + 2s, W + 2s)
+        rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
+        columns = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
+        columns = torch.where(flips[:, None], columns.flip(1), columns)
+        return padded[torch.arange(count, device=images.device)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
 
 class SeededOrder:

@@ -20,12 +20,13 @@ from tasks.log import stage_logger
 # a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
 CHECKPOINT_KEYS = frozenset({
     "format", "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
-    "global_step", "order", "rng", "running_loss",
+    "global_step", "order", "rng", "running_loss", "augment",
 })
-# The checkpoint format: 1, the keys above but `format` (written before it was recorded); 2, all of
-# them. A later format that adds a key fills it in for older checkpoints in `_upgraded`, so that they
-# still resume.
-FORMAT = 2
+# The checkpoint format: 1, the keys above but `format` and `augment` (written before the format was
+# recorded); 2, with `format`; 3, with `augment` (the augmentation generator's state, empty without
+# augmentation). A later format that adds a key fills it in for older checkpoints in `_upgraded`, so
+# that they still resume.
+FORMAT = 3
 # model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
 MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step", "metrics")
 
@@ -95,9 +96,15 @@ def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
     if version > FORMAT:
         raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
                                     "run the version of the project that wrote it, or --refresh train")
-    if version == 1:
-        state = state | {"format": 2}
+    if version < 3:  # trained without augmentation, which came with format 3
+        state = state | {"format": FORMAT, "augment": torch_empty()}
     return state
+
+
+def torch_empty() -> Any:
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8)
 
 
 def model_output(training: Path, **_: object) -> StageOutput:

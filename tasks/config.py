@@ -29,6 +29,9 @@ Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the 
 Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
 LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
+Augment = Annotated[bool, Field(description="Shift each training image by up to 2 pixels and flip half of them, "
+                                            "drawn from a seeded generator.")]
+LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the training loss.")]
 ValidationSize = Annotated[int, Field(ge=0, le=30000, description=(
     "Training images held out, stratified by class and seeded, to validate on at each epoch's end (0: none; "
     "sweeps: 5000)."))]
@@ -67,6 +70,8 @@ class RunConfig(BaseModel):
     checkpoint_every: CheckpointEvery = 2000
     seed: Seed = 0
     validation_size: ValidationSize = 0
+    augment: Augment = False
+    label_smoothing: LabelSmoothing = 0.0
     device: Device = "auto"
     mirror: Mirror = None
     refresh: Refresh = Field(default_factory=list)

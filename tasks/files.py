@@ -44,9 +44,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through `write(stream)` into a temporary sibling, fsync it, then rename it over `path`.
 
     A reader, or a run killed half-way, sees either the old file or the whole new one. An OSError
-    (a full disk, say) names `path`.
+    (a full disk, say) names `path`, not the temporary file.
     """
-    with naming(path):
+    with naming(path, hidden=f".{path.name}."):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -100,12 +100,14 @@ class _RecordingStream:
 
 
 @contextmanager
-def naming(path: Path) -> Iterator[None]:
-    """Within the block, an OSError that names no file (a write, an fsync) names `path`."""
+def naming(path: Path, hidden: str | None = None) -> Iterator[None]:
+    """Within the block, an OSError that names no file (a write, an fsync), or a file whose name starts
+    with `hidden` (a temporary one), names `path`."""
     try:
         yield
     except OSError as error:
-        if error.filename is None:
+        named = os.fsdecode(error.filename) if error.filename is not None else None
+        if named is None or (hidden is not None and Path(named).name.startswith(hidden)):
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 

@@ -31,6 +31,8 @@ class Hyperparameters:
     schedule: str
     seed: int
     validation_size: int = 0  # training images held out for validation (tasks/batches.py: validation_split)
+    augment: bool = False  # random shifts and flips of the training images (tasks/batches.py: Augmentation)
+    label_smoothing: float = 0.0
 
     @classmethod
     def of(cls, config: RunConfig) -> Hyperparameters:

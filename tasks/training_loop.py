@@ -143,7 +143,8 @@ class TrainingLoop:
             torch.set_num_threads(cpu_threads(hyperparameters.batch_size))
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=hyperparameters.label_smoothing)
+        self.augment = batches.Augmentation(hyperparameters.seed) if hyperparameters.augment else None
         self.optimizer = _optimizer(self.model, hyperparameters, self.device)
         self.scheduler = _scheduler(self.optimizer, hyperparameters, self.batches_per_epoch)
         self.order = batches.SeededOrder(size, hyperparameters.seed)
@@ -167,6 +168,7 @@ class TrainingLoop:
             "order": self.order_state,
             "rng": rng.capture(self.device),
             "running_loss": self.running_loss.cpu(),
+            "augment": self.augment.state() if self.augment else torch.empty(0, dtype=torch.uint8),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -178,6 +180,8 @@ class TrainingLoop:
         self.order_state = state["order"]
         self.order.restore(self.order_state)
         rng.restore(state["rng"], self.device)
+        if self.augment and state["augment"].numel():
+            self.augment.restore(state["augment"])
         self.running_loss = state["running_loss"].to(self.device)
 
     def run(
@@ -212,7 +216,7 @@ class TrainingLoop:
     def _step(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns the normalised inputs (B, 1, 28, 28)."""
         fault_point("train", self.global_step + 1)
-        inputs = batches.normalise(raw, self.device)
+        inputs = batches.normalise(self.augment(raw) if self.augment else raw, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.model(inputs), targets)
         loss.backward()
@@ -250,7 +254,8 @@ class TrainingLoop:
             for chunk, targets in zip(images.split(VALIDATION_BATCH), labels.split(VALIDATION_BATCH)):
                 logits = self.model(batches.normalise(chunk, self.device))  # (B, C)
                 targets = targets.to(self.device)
-                loss += self.criterion(logits, targets).item() * len(chunk)  # note: a host sync per chunk
+                # Plain cross-entropy, without the training's label smoothing. Note: a host sync per chunk.
+                loss += nn.functional.cross_entropy(logits, targets).item() * len(chunk)
                 correct += (logits.argmax(dim=1) == targets).sum().item()
         self.model.train()
         self.validation = {"validation_loss": loss / len(images), "validation_accuracy": correct / len(images)}

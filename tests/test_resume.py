@@ -151,3 +151,16 @@ def event_steps(path: Path) -> list[int]:
 
     return [event.step for event in EventFileLoader(str(path)).Load()
             if any(value.tag == "training loss" for value in event.summary.value)]
+
+
+def test_augmented_training_resumes_exactly(
+    prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The augmentation's draws are in the checkpoint: a resumed training draws the same shifts and flips.
+    settings = {"augment": True, "label_smoothing": 0.1}
+    reference = run_tiny_flow(tmp_path / "reference", synthetic_mirror, **settings)
+    monkeypatch.setenv("FASHION_FAULT", "train:25")  # between the checkpoints at steps 15 and 30
+    resumed = run_tiny_flow(tmp_path / "faulty", synthetic_mirror, **settings)
+    assert "Resuming from" in caplog.text and "(step 15)" in caplog.text
+    assert same_weights(final_weights(resumed), final_weights(reference))

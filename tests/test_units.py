@@ -173,3 +173,19 @@ def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
         plan("h", base, configurations=[{"lr": 0.1}, {"epochs": 4}], halving=2)
     with pytest.raises(ConfigError, match="one rung only"):
         plan("h", base | {"epochs": 1}, grid={"lr": [0.1, 0.2]}, halving=2)
+
+
+def test_augmentation_shifts_and_flips_reproducibly() -> None:
+    from tasks.batches import Augmentation
+
+    images = torch.arange(4 * 28 * 28, dtype=torch.int64).reshape(4, 28, 28).remainder(251).to(torch.uint8)
+    first, second = Augmentation(seed=1), Augmentation(seed=1)
+    state = first.state()
+    out = first(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, second(images))  # the same seed draws the same
+    first.restore(state)
+    assert torch.equal(out, first(images))  # and a restored state draws them again
+    for original, shifted in zip(images, out):  # each image is itself moved by at most 2 pixels, maybe mirrored
+        assert any(torch.equal(candidate[2:-2, 2:-2], shifted[2 + dy:26 + dy, 2 + dx:26 + dx])
+                   for candidate in (original, original.flip(1)) for dy in range(-2, 3) for dx in range(-2, 3))

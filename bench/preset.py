@@ -1,0 +1,77 @@
+"""Choose the accurate preset on the validation split, then measure it on the test set, side by side.
+
+    python bench/preset.py choose [--seeds 0 1 2]     # candidates on a 5000-image validation split
+    python bench/preset.py measure [--seeds 0 1 2]    # the chosen preset and the previous one, on the test set
+
+`choose` trains each candidate with `--validation-size 5000` (the test set is never looked at) and
+prints its mean validation accuracy. `measure` trains the previous and the current `--preset
+accurate` on all 60,000 training images, one after the other, and prints their test accuracies and
+training times with the ratio. Runs go to a temporary folder; the data comes from the shared mirror.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = REPO.parent / "shared" / "data" / "fashion-mnist"
+PREVIOUS = {"optimizer": "adam", "schedule": "onecycle", "batch_size": 64, "epochs": 15, "lr": 0.003}
+CANDIDATES = {
+    "previous": PREVIOUS,
+    "augment + label smoothing": PREVIOUS | {"augment": True, "label_smoothing": 0.1},
+    "augment": PREVIOUS | {"augment": True},
+}
+
+
+def train(settings: dict, seed: int, work: Path, validation: int) -> dict:
+    """One command-line run of the flow; its metrics.json, with the training's seconds."""
+    name = f"{abs(hash(json.dumps(settings, sort_keys=True)))}-{seed}-{validation}"
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "fashion.py"), *options, f"--seed={seed}",
+                           f"--validation-size={validation}", "--experiment", name, "--runs-dir", str(work / "runs"),
+                           "--data-dir", str(work / "data"), "--mirror", str(MIRROR), "--log-every", "5000",
+                           "--device", "cpu"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr.strip().splitlines()[-1])
+    metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
+    metrics["seconds"] = json.loads((Path(metrics["train_dir"]) / "training.json").read_text())["seconds"]
+    return metrics
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("choose", "measure"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fashion-preset-") as folder:
+        work = Path(folder)
+        if args.step == "choose":
+            for name, settings in CANDIDATES.items():
+                runs = [train(settings, seed, work, validation=5000) for seed in args.seeds]
+                accuracies = [run["validation_accuracy"] for run in runs]
+                print(f"{name:28} validation accuracy {statistics.mean(accuracies):.4f} "
+                      f"({', '.join(f'{a:.4f}' for a in accuracies)}), training {statistics.mean(r['seconds'] for r in runs):.1f} s",
+                      flush=True)
+        else:
+            from flows.command_line import PRESETS
+
+            results = {name: [train(settings, seed, work, validation=0) for seed in args.seeds]
+                       for name, settings in (("previous", PREVIOUS), ("accurate", PRESETS["accurate"]))}
+            for name, runs in results.items():
+                accuracies = [run["test_accuracy"] for run in runs]
+                print(f"{name:10} test accuracy {statistics.mean(accuracies):.4f} "
+                      f"({', '.join(f'{a:.4f}' for a in accuracies)}), training {statistics.mean(r['seconds'] for r in runs):.1f} s")
+            ratio = (statistics.mean(r["seconds"] for r in results["accurate"])
+                     / statistics.mean(r["seconds"] for r in results["previous"]))
+            print(f"training time, accurate / previous: {ratio:.2f} (target <= 1.20)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
