@@ -25,11 +25,19 @@ def for_run(task: Task, config: RunConfig, *tags: str) -> Task:
     return task.with_options(task_run_name=f"{task.name} {config.run_dir.name}", tags={*task.tags, *tags})
 
 
+def accelerator_tag(device: str) -> tuple[str, ...]:
+    """The device-type tag of a training on an accelerator ("cuda", "mps"); none on the CPU."""
+    kind = device_type(device)
+    return () if kind == "cpu" else (kind,)
+
+
 def run_stages(stage: StageCall, config: RunConfig, device: str, dataset: Any) -> dict[str, Any]:
     """Inspect, graph, train, checkpoint and evaluate one configuration on the downloaded `dataset`.
 
-    Training is tagged with its device type ("cpu", "cuda"), so that a tag concurrency limit
-    (`prefect concurrency-limit create cuda 1`) keeps trainings from sharing a GPU.
+    Training on an accelerator is tagged with its device type ("cuda", "mps"), so that a tag
+    concurrency limit (`prefect concurrency-limit create cuda 1`) keeps trainings from sharing a GPU.
+    A CPU training has no such tag: every tag costs a task a concurrency-slot request to the server,
+    which stalled cached reruns for seconds, and the CPU needs no limit.
 
     Returns what `stage` returned for each, by stage name.
     """
@@ -38,7 +46,7 @@ def run_stages(stage: StageCall, config: RunConfig, device: str, dataset: Any) -
         "inspect": stage(for_run(inspect_task, config), dataset=dataset, run_dir=run_dir, seed=config.seed),
         "graph": stage(for_run(graph_task, config), run_dir=run_dir),
         "train": stage(
-            for_run(train_task, config, device_type(device)), dataset=dataset, run_dir=run_dir,
+            for_run(train_task, config, *accelerator_tag(device)), dataset=dataset, run_dir=run_dir,
             hyperparameters=Hyperparameters.of(config), device=device, log_every=config.log_every,
             checkpoint_every=config.checkpoint_every,
         ),

@@ -189,3 +189,9 @@ def test_augmentation_shifts_and_flips_reproducibly() -> None:
     for original, shifted in zip(images, out):  # each image is itself moved by at most 2 pixels, maybe mirrored
         assert any(torch.equal(candidate[2:-2, 2:-2], shifted[2 + dy:26 + dy, 2 + dx:26 + dx])
                    for candidate in (original, original.flip(1)) for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_training_on_an_accelerator_is_tagged_with_its_device_type() -> None:
+    from flows.pipeline import accelerator_tag
+
+    assert accelerator_tag("cuda:1") == ("cuda",) and accelerator_tag("mps") == ("mps",) and accelerator_tag("cpu") == ()
