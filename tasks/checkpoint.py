@@ -45,6 +45,11 @@ class CheckpointStore:
     def paths(self) -> list[Path]:
         return sorted(self.folder.glob("step-*.pt"))
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The global step a checkpoint file was written at, from its name."""
+        return int(path.stem.removeprefix("step-"))
+
     def save(self, state: dict[str, Any]) -> Path:
         """Write `state` atomically, then drop all but the newest `keep` checkpoints."""
         path = atomic_write(self.folder / f"step-{state['global_step']:08d}.pt", lambda stream: _save(state, stream))
@@ -97,11 +102,11 @@ def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
         raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
                                     "run the version of the project that wrote it, or --refresh train")
     if version < 3:  # trained without augmentation, which came with format 3
-        state = state | {"format": FORMAT, "augment": torch_empty()}
+        state = state | {"format": FORMAT, "augment": _empty_tensor()}
     return state
 
 
-def torch_empty() -> Any:
+def _empty_tensor() -> Any:
     import torch
 
     return torch.empty(0, dtype=torch.uint8)

@@ -110,11 +110,11 @@ def continue_shorter(out: Path, key: dict[str, Any], store: CheckpointStore,
             stage_logger().info("Starting over instead of continuing %s: the %s schedule depends on the epoch count",
                                 folder, key["hyperparameters"]["schedule"])
             return None
-        boundaries = [path for path in CheckpointStore(folder / "checkpoints").paths()
-                      if (step := int(path.stem.removeprefix("step-"))) % batches_per_epoch == 0
+        boundaries = [(step, path) for path in CheckpointStore(folder / "checkpoints").paths()
+                      if (step := CheckpointStore.step_of(path)) % batches_per_epoch == 0
                       and 0 < step <= epochs * batches_per_epoch]
-        if boundaries and (best is None or int(boundaries[-1].stem.removeprefix("step-")) > best[0]):
-            best = (int(boundaries[-1].stem.removeprefix("step-")), boundaries[-1])
+        if boundaries and (best is None or boundaries[-1][0] > best[0]):
+            best = boundaries[-1]
     if best is None:
         return None
     step, source = best
