@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from tasks.batches import SeededOrder, normalise
-from tasks.model import Net
+from fashion_pipeline.tasks.ml.batches import SeededOrder, normalise
+from fashion_pipeline.tasks.ml.model import Net
 
 BATCH_SIZE, LR, MOMENTUM, EVAL_BATCH = 4, 0.001, 0.9, 1000
 # The flow's training turns oneDNN off for batches this small (tasks/train.py): PyTorch's own convolutions

@@ -280,7 +280,7 @@ def print_ratios(results: dict[str, Measurement]) -> bool:
 
 def stop_local_server(home: Path) -> None:
     """Stop the local Prefect server the runs started in `home`, instead of leaving it to stop when idle."""
-    subprocess.run([sys.executable, "-m", "tasks.local_server", "stop"], cwd=REPO, env=run_env(home),
+    subprocess.run([sys.executable, "-m", "fashion_pipeline.tasks.plumbing.local_server", "stop"], cwd=REPO, env=run_env(home),
                    capture_output=True, timeout=60)
 
 

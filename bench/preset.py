@@ -27,6 +27,9 @@ CANDIDATES = {  # tried in this order; the README gives their figures
     "augment + label smoothing": PREVIOUS | {"augment": True, "label_smoothing": 0.1},
     "18 epochs": PREVIOUS | {"epochs": 18},
     "18 epochs + label smoothing": PREVIOUS | {"epochs": 18, "label_smoothing": 0.1},
+    "lr 0.006": PREVIOUS | {"lr": 0.006},
+    "batch 128, lr 0.006, 20 epochs": PREVIOUS | {"batch_size": 128, "lr": 0.006, "epochs": 20},
+    "batch 256, lr 0.01, 28 epochs": PREVIOUS | {"batch_size": 256, "lr": 0.01, "epochs": 28},
 }
 
 
@@ -63,7 +66,7 @@ def main() -> int:
                       f"({', '.join(f'{a:.4f}' for a in accuracies)}), training {statistics.mean(r['seconds'] for r in runs):.1f} s",
                       flush=True)
         else:
-            from flows.command_line import PRESETS
+            from fashion_pipeline.flows.command_line import PRESETS
 
             results = {name: [train(settings, seed, work, validation=0) for seed in args.seeds]
                        for name, settings in (("previous", PREVIOUS), ("accurate", PRESETS["accurate"]))}

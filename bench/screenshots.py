@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from tasks.polling import wait_for
-from tasks.local_server import free_port
+from fashion_pipeline.tasks.plumbing.polling import wait_for
+from fashion_pipeline.tasks.plumbing.local_server import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from tasks.model import Net  # the tutorial's network, layer for layer  # noqa: E402
+from fashion_pipeline.tasks.ml.model import Net  # the tutorial's network, layer for layer  # noqa: E402
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle Boot")
 BATCH_SIZE, EPOCHS, LOG_EVERY, EMBEDDING_SIZE = 4, 1, 1000, 100

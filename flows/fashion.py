@@ -6,54 +6,31 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 
-if __name__ == "__main__":
-    # First a bad option fails in a blink; then the local Prefect server, where none runs yet, boots
-    # while the heavy imports run.
-    from flows.command_line import parse_command_line
-    from tasks import local_server
+if __name__ == "__main__":  # the same as the `fashion` command
+    from fashion_pipeline.flows.command_line import main
 
-    if not parse_command_line(sys.argv[1:]).serve:
-        local_server.start()
+    sys.exit(main())
 
 from typing import Any
 
-from prefect import Task, flow, tags
-from prefect.runtime import flow_run
+from prefect import flow, tags
 
-from flows.command_line import TAG, fail, parse_command_line
-from flows.pipeline import for_run, run_stages
-from tasks.config import (
+from fashion_pipeline.flows.command_line import TAG, Command, fail
+from fashion_pipeline.tasks.config import (
     Augment, BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LabelSmoothing,
     LearningRate, LogEvery, Mirror, Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, ValidationSize,
     documented_parameters, parse_config,
 )
-from tasks.data import download_task
-from tasks.devices import resolve_device
-from tasks.failures import ending_the_run, exit_status, one_line, quiet_known_failures
-from tasks.local_server import local_server_settings, wait_until_recorded
-from tasks.lock import experiment_lock
-from tasks.report import report_task
+from fashion_pipeline.tasks.ml.devices import resolve_device
+from fashion_pipeline.tasks.plumbing.failures import ending_the_run, exit_status, one_line, quiet_known_failures
+from fashion_pipeline.tasks.plumbing.local_server import local_server_settings, wait_until_recorded
+from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+from fashion_pipeline.tasks.pipeline import run_pipeline
 
 MIRROR_VARIABLE = "fashion_mnist_mirror"
 DEFAULTS = RunConfig.model_construct()  # the defaults, without checking the folders of the current directory
-
-
-class Stages:
-    """Runs stage tasks one after another, applying --refresh and noting which came from cache."""
-
-    def __init__(self, refresh: list[str]) -> None:
-        self.refresh = set(refresh)
-        self.states: dict[str, str] = {}
-
-    def __call__(self, stage: Task, **inputs: Any) -> Any:
-        # A retried flow run resumes: what its first attempt refreshed is not thrown away again.
-        refresh = stage.name in self.refresh and flow_run.run_count <= 1
-        state = stage(**inputs, refresh=refresh, return_state=True)
-        self.states[stage.name] = state.name
-        return state.result()  # raises the stage's error, failing the flow run
 
 
 @flow(name="fashion-mnist", flow_run_name="{experiment}", log_prints=True, retries=1, retry_delay_seconds=5)
@@ -84,10 +61,7 @@ def fashion(
         config = parse_config(parameters)
         resolved_device = resolve_device(config.device)
         with experiment_lock(config.run_dir):
-            stage = Stages(config.refresh)
-            dataset = stage(download_task, data_dir=config.data_dir, mirror=config.source or mirror_variable())
-            done = run_stages(stage, config, resolved_device, dataset)
-            return for_run(report_task, config)(config, resolved_device, done["evaluate"], stage.states)
+            return run_pipeline(config, resolved_device, config.source or mirror_variable())
 
 
 def mirror_variable() -> str | None:
@@ -109,20 +83,15 @@ def import_ahead(config: RunConfig) -> None:
         import torchvision.datasets  # noqa: F401  (download and inspection use torchvision: a second)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the flow once (or serve it) as the command line asks.
+def run(command: Command) -> int:
+    """Run the flow once (or serve it) as the command line asks (flows/command_line.py).
 
     A failed run ends with one line on stderr; the exit status is 2 for a bad parameter, 1 otherwise.
     """
-    command = parse_command_line(sys.argv[1:] if argv is None else argv)
-    try:
-        resolve_device(command.config.device)
-    except ConfigError as error:
-        fail(error)
     if command.serve:
         from prefect.settings import PREFECT_API_URL
 
-        from flows.schedule import serve_on_schedule
+        from fashion_pipeline.flows.deployment import serve_on_schedule
 
         if not PREFECT_API_URL.value():
             fail(ConfigError("--serve needs a Prefect server to schedule on: start one (prefect server start) "
@@ -149,11 +118,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Prefect UI: {server.ui_url}/runs/flow-run/{state.state_details.flow_run_id} "
               f"(the local Prefect server; it stops after {server.idle_minutes} idle minutes)")
     return 0
-
-
-if __name__ == "__main__":
-    status = main()
-    # Everything is written and closed. Frozen, the objects torch and Prefect made are left to the
-    # operating system instead of a last garbage collection over all of them: a second less at exit.
-    gc.freeze()
-    sys.exit(status)

@@ -16,7 +16,7 @@ import sys
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, NotificationBlock, SlackWebhook
 
-from flows.command_line import TAG
+from fashion_pipeline.flows.command_line import TAG
 
 BLOCK, AUTOMATION = "fashion-mnist-failures", "fashion-mnist run failed"
 FLOWS = ("fashion-mnist", "fashion-mnist-sweep")

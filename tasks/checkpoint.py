@@ -1,115 +1,13 @@
-"""Training checkpoints (atomic, rotated, loaded safely) and the checkpoint stage that exports the model.
-
-torch is imported on the first save or load: a cached rerun, which only reads manifests, never imports it.
-"""
+"""The checkpoint stage: the finished training's final checkpoint, exported for inference as a lean `model.pt`."""
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 from pathlib import Path
-from typing import Any, BinaryIO
 
-from tasks.caching import StageOutput, source_digest, stage_task
-from tasks.failures import PermanentError
-from tasks.files import atomic_write, nearest_existing, read_manifest, sha256_file, write_manifest
-from tasks.log import stage_logger
-
-# `epoch` is the epoch in progress and `batches_done` how many of its batches are done;
-# a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
-CHECKPOINT_KEYS = frozenset({
-    "format", "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
-    "global_step", "order", "rng", "running_loss", "augment",
-})
-# The checkpoint format: 1, the keys above but `format` and `augment` (written before the format was
-# recorded); 2, with `format`; 3, with `augment` (the augmentation generator's state, empty without
-# augmentation). A later format that adds a key fills it in for older checkpoints in `_upgraded`, so
-# that they still resume.
-FORMAT = 3
-# model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
-MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step", "metrics")
-
-
-class CheckpointFormatError(PermanentError):
-    """A checkpoint written by a newer version of this project: resuming from it needs that version."""
-
-
-class CheckpointStore:
-    """Numbered checkpoints `step-NNNNNNNN.pt` in one folder: the last in sorted order is the newest."""
-
-    def __init__(self, folder: Path, keep: int = 3) -> None:
-        self.folder = Path(folder)
-        self.keep = keep
-
-    def paths(self) -> list[Path]:
-        return sorted(self.folder.glob("step-*.pt"))
-
-    @staticmethod
-    def step_of(path: Path) -> int:
-        """The global step a checkpoint file was written at, from its name."""
-        return int(path.stem.removeprefix("step-"))
-
-    def save(self, state: dict[str, Any]) -> Path:
-        """Write `state` atomically, then drop all but the newest `keep` checkpoints."""
-        path = atomic_write(self.folder / f"step-{state['global_step']:08d}.pt", lambda stream: _save(state, stream))
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def warn_if_short_of_space(self, state: dict[str, Any]) -> None:
-        """Warn when the folder has less free space than checkpoints like `state` need: the `keep` newest,
-        the one being written and the exported model.pt. A warning, not a refusal: space may be freed meanwhile."""
-        size = len(_serialised(state))
-        needed = (self.keep + 2) * size
-        free = shutil.disk_usage(nearest_existing(self.folder)).free
-        if free < needed:
-            stage_logger().warning("%s has %.1f MB free, less than the %.1f MB this training's checkpoints need: "
-                                   "it will stop when the disk is full (and resume once space is freed)",
-                                   self.folder, free / 1e6, needed / 1e6)
-
-    def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads and has the expected keys; broken ones are passed over with a warning."""
-        for path in reversed(self.paths()):
-            try:
-                return path, load_checkpoint(path)
-            except CheckpointFormatError:
-                raise  # a good checkpoint, newer than this code: never to be trained over
-            except Exception as error:  # a truncated zip, a pickle error, wrong keys: all mean "unusable"
-                stage_logger().warning("Skipping unusable checkpoint %s: %s", path, " ".join(str(error).split())[:200])
-        return None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a training checkpoint as data only (`weights_only=True`: no code runs), in today's format.
-
-    An older format is upgraded; a newer one is refused with CheckpointFormatError, naming it.
-    """
-    state = _load(path)
-    if isinstance(state, dict):
-        state = _upgraded(state, path)
-    if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"not a training checkpoint: keys {found}")
-    return state
-
-
-def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    version = state.get("format", 1)
-    if not isinstance(version, int):
-        raise ValueError(f"not a checkpoint format: {version!r}")
-    if version > FORMAT:
-        raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
-                                    "run the version of the project that wrote it, or --refresh train")
-    if version < 3:  # trained without augmentation, which came with format 3
-        state = state | {"format": FORMAT, "augment": _empty_tensor()}
-    return state
-
-
-def _empty_tensor() -> Any:
-    import torch
-
-    return torch.empty(0, dtype=torch.uint8)
+from fashion_pipeline.tasks.ml.checkpoints import MODEL_KEYS, load_checkpoint, save_file
+from fashion_pipeline.tasks.plumbing.files import sha256_file
+from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
 
 def model_output(training: Path, **_: object) -> StageOutput:
@@ -117,53 +15,21 @@ def model_output(training: Path, **_: object) -> StageOutput:
     return Path(training).parent / "model.json", {"training": sha256_file(Path(training))}
 
 
-def export_model(training: Path, refresh: bool = False) -> Path:
+@stage("checkpoint", output=model_output, code=("ml.checkpoints",))
+def checkpoint(training: Path) -> Written:
     """Save the finished training's model as `model.pt`, self-describing and lean: what inference needs.
 
     Args:
         training: the training manifest, naming the final checkpoint.
-        refresh: export again even if a verified `model.pt` exists.
 
     Returns:
-        The manifest of `model.pt`, which holds its format, the model's state and arguments, the
-        hyperparameters, the epoch count, the final step and the training's final metrics (its loss
-        at the last log point); evaluation needs nothing else. The optimizer's state stays in the
-        training's checkpoints.
+        `model.pt`, which holds its format, the model's state and arguments, the hyperparameters, the
+        epoch count, the final step and the training's final metrics (its loss at the last log
+        point); evaluation needs nothing else. The optimizer's state stays in the training's checkpoints.
     """
-    manifest_path, facts = model_output(training)
-    if not refresh and read_manifest(manifest_path, **facts):
-        return manifest_path
     trained = json.loads(Path(training).read_text())
     final = load_checkpoint(Path(training).parent / trained["checkpoint"])
-    exported = {key: final[key] for key in MODEL_KEYS if key != "metrics"}  # the optimizer's stays in the checkpoints
+    exported = {key: final[key] for key in MODEL_KEYS if key != "metrics"}
     exported["metrics"] = {"training_loss": trained.get("training_loss"), "global_step": final["global_step"]}
-    model_path = atomic_write(manifest_path.parent / "model.pt", lambda stream: _save(exported, stream))
-    return write_manifest(manifest_path, [model_path], model="model.pt", global_step=final["global_step"], **facts)
-
-
-def load_model_file(model_manifest: Path) -> dict[str, Any]:
-    """The exported model file named by `model_manifest`, loaded as data only."""
-    facts = json.loads(Path(model_manifest).read_text())
-    return _load(Path(model_manifest).parent / facts["model"])
-
-
-def _save(value: dict[str, Any], stream: BinaryIO) -> None:
-    import torch
-
-    torch.save(value, stream)
-
-
-def _serialised(value: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    _save(value, buffer)
-    return buffer.getvalue()
-
-
-def _load(path: Path) -> dict[str, Any]:
-    """A checkpoint or model file, as data only (`weights_only=True`: no code runs), onto the CPU."""
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-checkpoint_task = stage_task(export_model, name="checkpoint", output=model_output, code=source_digest(__name__))
+    model_path = save_file(exported, Path(training).parent / "model.pt")
+    return Written([model_path], {"model": model_path.name, "global_step": final["global_step"]})

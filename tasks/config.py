@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.files import nearest_existing
+from fashion_pipeline.tasks.plumbing.files import nearest_existing
 
 STAGES = ("download", "inspect", "graph", "train", "checkpoint", "evaluate")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -1,4 +1,4 @@
-"""Report stage: the run's result where people look: metrics.json, TensorBoard HPARAMS and TEXT, Prefect artifacts."""
+"""The report stage: the run's result where people look: metrics.json, TensorBoard HPARAMS and TEXT, Prefect artifacts."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from tasks.config import RunConfig
-from tasks.data import CLASSES
-from tasks.events import event_files, replacing_writer
-from tasks.files import atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest
-from tasks.train import Hyperparameters
+from fashion_pipeline.tasks.config import RunConfig
+from fashion_pipeline.tasks.ml.dataset import CLASSES
+from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
+from fashion_pipeline.tasks.plumbing.files import atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 
 HPARAM_FIELDS = tuple(field.name for field in fields(Hyperparameters))  # what decides the weights
 HPARAM_METRICS = ("test_accuracy", "mean_ap", "validation_accuracy", "validation_loss")  # those a run has

@@ -1,43 +1,24 @@
-"""Training stage: the training's keyed folder and its manifest; the loop itself is in tasks/training_loop.py."""
+"""The train stage: the training's keyed folder, so that each set of weights-deciding inputs trains once.
+
+The loop itself is plain PyTorch, in tasks/ml/training_loop.py.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tasks.caching import StageOutput, source_digest, stage_task
-from tasks.config import RunConfig
-from tasks.data import fingerprint
-from tasks.devices import cpu_threads, device_type
-from tasks.files import digest_json, read_manifest
+from fashion_pipeline.tasks.ml.dataset import fingerprint
+from fashion_pipeline.tasks.ml.devices import cpu_threads, device_type
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.plumbing.files import digest_json
+from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
-LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
-VALIDATION_LOSS_TAG, VALIDATION_ACCURACY_TAG = "validation loss", "validation accuracy"
-KEY_FILE = "key.json"  # in each training's folder: what its name is the digest of
 TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cached rerun never imports torch
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """Everything besides data, code and device that decides the trained weights."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    optimizer: str
-    schedule: str
-    seed: int
-    validation_size: int = 0  # training images held out for validation (tasks/batches.py: validation_split)
-    augment: bool = False  # random shifts and flips of the training images (tasks/batches.py: Augmentation)
-    label_smoothing: float = 0.0
-
-    @classmethod
-    def of(cls, config: RunConfig) -> Hyperparameters:
-        """The weights-deciding subset of a run's parameters."""
-        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
+# The modules that decide the weights, besides this one: part of each training's key.
+TRAINING_MODULES = ("ml.model", "ml.batches", "ml.hyperparameters", "ml.training_loop")
 
 
 def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, device: str, **_: object) -> Path:
@@ -57,7 +38,7 @@ def training_key(dataset: Path, hyperparameters: Hyperparameters, device: str) -
     kind = device_type(device)
     threads = cpu_threads(hyperparameters.batch_size) if kind == "cpu" else 1
     return {"hyperparameters": asdict(hyperparameters), "dataset": fingerprint(dataset), "device_type": kind,
-            "code": TRAINING_CODE, "torch": TORCH_VERSION, "threads": threads}
+            "code": train.code, "torch": TORCH_VERSION, "threads": threads}
 
 
 def training_output(**inputs: Any) -> StageOutput:
@@ -65,6 +46,13 @@ def training_output(**inputs: Any) -> StageOutput:
     return training_dir(**inputs) / "training.json", {}
 
 
+@stage(
+    "train",
+    output=training_output,
+    code=TRAINING_MODULES,
+    ignore=("log_every", "checkpoint_every"),  # they change what is logged and saved, never the weights
+    retries=2,  # a retry resumes from the newest checkpoint, so it costs minutes, not the run
+)
 def train(
     dataset: Path,
     run_dir: str,
@@ -73,7 +61,7 @@ def train(
     log_every: int = 1000,
     checkpoint_every: int = 2000,
     refresh: bool = False,
-) -> Path:
+) -> Written:
     """Train the Net, resuming from the newest valid checkpoint of the same training if there is one.
 
     Args:
@@ -86,23 +74,10 @@ def train(
         refresh: discard this training's checkpoints and events and train from scratch.
 
     Returns:
-        The training manifest, naming the final checkpoint.
+        The final checkpoint, with the training's last loss, validation and timing.
     """
+    from fashion_pipeline.tasks.ml.training_loop import run_training  # torch: imported only when there is training to do
+
     out = training_dir(dataset, run_dir, hyperparameters, device)
-    manifest_path = out / "training.json"
-    if not refresh and read_manifest(manifest_path):
-        return manifest_path
-    from tasks.training_loop import run_training  # torch: imported only when there is training to do
-
-    return run_training(dataset, out, hyperparameters, device, log_every, checkpoint_every, refresh)
-
-
-TRAINING_CODE = source_digest("tasks.model", "tasks.batches", "tasks.training_loop", __name__)
-train_task = stage_task(
-    train,
-    name="train",
-    output=training_output,
-    code=TRAINING_CODE,
-    ignore=("log_every", "checkpoint_every"),  # they change what is logged and saved, never the weights
-    retries=2,  # a retry resumes from the newest checkpoint, so it costs minutes, not the run
-)
+    key = training_key(dataset, hyperparameters, device)
+    return run_training(dataset, out, key, hyperparameters, device, log_every, checkpoint_every, refresh)

@@ -21,7 +21,7 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("FASHION_MNIST_MIRROR", None)
 
-from tasks.polling import wait_for  # noqa: E402
+from fashion_pipeline.tasks.plumbing.polling import wait_for  # noqa: E402
 from tests.synthetic import TRAIN_SIZE, write_synthetic_fashion_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def tiny_args(**overrides: object) -> list[str]:
 
 def run_tiny_flow(root: Path, mirror: Path, experiment: str = "tiny", **overrides: object) -> dict:
     """Run the flow in-process on the synthetic data under `root` (runs/ and data/), TINY settings with overrides."""
-    from flows.fashion import fashion
+    from fashion_pipeline.flows.fashion import fashion
 
     return fashion(experiment=experiment, runs_dir=str(root / "runs"), data_dir=str(root / "data"),
                    mirror=str(mirror), **(TINY | overrides))

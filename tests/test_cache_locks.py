@@ -9,9 +9,9 @@ import sys
 import anyio
 import pytest
 
-from tasks.cache_locks import FlockLockManager
+from fashion_pipeline.tasks.plumbing.cache_locks import FlockLockManager
 
-HOLD = ("import sys, time; from tasks.cache_locks import FlockLockManager\n"
+HOLD = ("import sys, time; from fashion_pipeline.tasks.plumbing.cache_locks import FlockLockManager\n"
         "assert FlockLockManager().acquire_lock(sys.argv[1], 'other'); print('held', flush=True); time.sleep(120)")
 
 

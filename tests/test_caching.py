@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.failures import RunFailed
-from tasks.lock import ExperimentBusyError
+from fashion_pipeline.tasks.plumbing.failures import RunFailed
+from fashion_pipeline.tasks.plumbing.lock import ExperimentBusyError
 from tests.conftest import TINY, final_weights, run_tiny_flow, same_weights
 
 UPSTREAM = ("download", "inspect", "graph")
@@ -103,7 +103,7 @@ def test_second_run_on_a_busy_experiment_is_refused(first_run: tuple[Path, dict,
     root, _, _ = first_run
     metrics_before = (root / "runs" / "tiny" / "metrics.json").read_text()
     holder = subprocess.Popen(  # another process running this experiment
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tasks.lock import experiment_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from fashion_pipeline.tasks.plumbing.lock import experiment_lock\n"
          "with experiment_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)",
          str(root / "runs" / "tiny")], stdout=subprocess.PIPE, text=True)
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoint import CHECKPOINT_KEYS, FORMAT, MODEL_KEYS, CheckpointFormatError, CheckpointStore, load_checkpoint
-from tasks.train import Hyperparameters
-from tasks.training_loop import TrainingLoop
+from fashion_pipeline.tasks.ml.checkpoints import CHECKPOINT_KEYS, FORMAT, MODEL_KEYS, CheckpointFormatError, CheckpointStore, load_checkpoint
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.ml.training_loop import TrainingLoop
 from tests.conftest import TINY, same_weights
 from tests.synthetic import TRAIN_SIZE
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import FLOW_SCRIPT, stop_local_server, tiny_args, wait_while_running
 
-SERVER_MARK = "tasks.local_server"
+SERVER_MARK = "fashion_pipeline.tasks.plumbing.local_server"
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.schedule import DEPLOYMENT, deployment_schedule, deployment_spec
-from tasks.config import STAGES
-from tasks.polling import wait_for
-from tasks.local_server import free_port
+from fashion_pipeline.flows.deployment import DEPLOYMENT, deployment_schedule, deployment_spec
+from fashion_pipeline.tasks.config import STAGES
+from fashion_pipeline.tasks.plumbing.polling import wait_for
+from fashion_pipeline.tasks.plumbing.local_server import free_port
 from tests.conftest import FLOW_SCRIPT, REPO, TINY, expected_loss_steps
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
@@ -370,7 +370,7 @@ def test_serve_uses_the_schedule_of_prefect_yaml(server: Server, client: SyncPre
 
 
 def test_pull_step_refuses_a_copy_without_prefect_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows import schedule
+    from fashion_pipeline.flows import deployment as schedule
 
     monkeypatch.setattr(schedule, "PREFECT_FILE", tmp_path / "site-packages" / "prefect.yaml")  # an installed copy
     with pytest.raises(FileNotFoundError, match="holds no prefect.yaml: the worker imports an installed copy"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.datasets import FashionMNIST
 
-from tasks.data import DatasetChecksumError, download, download_task, load_split
+from fashion_pipeline.tasks.download import DatasetChecksumError, download
+from fashion_pipeline.tasks.ml.dataset import load_split
 from tests.conftest import TINY
 from tests.mirror import serve_mirror
 
@@ -53,7 +54,7 @@ def test_corrupted_file_on_mirror_fails_at_once_and_leaves_nothing_valid(
     corrupt(mirror / LABELS)
     data_dir = tmp_path / "data"
     with serve_mirror(mirror) as (url, gets):
-        quick = download_task.with_options(retry_delay_seconds=0)
+        quick = download.task.with_options(retry_delay_seconds=0)
         with pytest.raises(DatasetChecksumError, match=f"{LABELS}: md5 .* does not match the expected 25c81989"):
             quick(str(data_dir), mirror=url)
         assert gets[f"/{LABELS}"] == GETS_PER_FILE, "an md5 mismatch must not be retried"
@@ -64,7 +65,7 @@ def test_corrupted_file_on_mirror_fails_at_once_and_leaves_nothing_valid(
 
 def test_network_errors_are_retried(synthetic_mirror: Path, prefect_api_url: str, tmp_path: Path) -> None:
     with serve_mirror(synthetic_mirror, failures=2) as (url, gets):
-        manifest = download_task.with_options(retry_delay_seconds=0)(str(tmp_path / "data"), mirror=url)
+        manifest = download.task.with_options(retry_delay_seconds=0)(str(tmp_path / "data"), mirror=url)
     assert manifest.is_file()
     # Two attempts end at their first request's 503; the third fetches all four files.
     assert sum(gets.values()) == 2 + 4 * GETS_PER_FILE
@@ -93,7 +94,7 @@ def test_mirror_from_a_prefect_variable(synthetic_mirror: Path, prefect_api_url:
     # A run that names no mirror itself takes the one a server's Variable names (flows/fashion.py).
     from prefect.variables import Variable
 
-    from flows.fashion import MIRROR_VARIABLE, fashion
+    from fashion_pipeline.flows.fashion import MIRROR_VARIABLE, fashion
 
     Variable.set(MIRROR_VARIABLE, str(synthetic_mirror), overwrite=True)
     try:

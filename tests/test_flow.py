@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.data import CLASSES
+from fashion_pipeline.tasks.ml.dataset import CLASSES
 from tests.conftest import TINY, VALIDATION, expected_loss_steps, run_tiny_flow, total_steps
 from tests.synthetic import TRAIN_SIZE
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run

@@ -20,8 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from tasks import local_server
-from tasks.polling import wait_for
+from fashion_pipeline.tasks.plumbing import local_server
+from fashion_pipeline.tasks.plumbing.polling import wait_for
 from tests.conftest import FLOW_SCRIPT, REPO, VALIDATION, stop_local_server, tiny_args, wait_while_running
 
 SWEEP_SCRIPT = REPO / "flows" / "sweep.py"
@@ -189,7 +189,7 @@ def test_killed_run_leaves_the_server_up_until_it_is_idle(new_home: dict[str, st
 
 @pytest.mark.slow
 def test_stop_command(new_home: dict[str, str], tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "tasks.local_server"]
+    command = [sys.executable, "-m", "fashion_pipeline.tasks.plumbing.local_server"]
     started = subprocess.run([*command, "start"], env=new_home, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr
     server = local_server.running(home_of(new_home))

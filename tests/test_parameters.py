@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.command_line import build_parser
-from flows.fashion import main
-from tasks.config import STAGES, RunConfig
+from fashion_pipeline.flows.command_line import build_parser
+from fashion_pipeline.flows.command_line import main
+from fashion_pipeline.tasks.config import STAGES, RunConfig
 from tests.conftest import run_flow_script
 
 BAD = {
@@ -53,7 +53,8 @@ def test_script_exit_status_and_help(tmp_path: Path) -> None:
 def test_torchvision_constants_match() -> None:
     from torchvision.datasets import FashionMNIST
 
-    from tasks.data import CLASSES, OFFICIAL_FILES
+    from fashion_pipeline.tasks.download import OFFICIAL_FILES
+    from fashion_pipeline.tasks.ml.dataset import CLASSES
 
     assert CLASSES == tuple(FashionMNIST.classes)
     assert OFFICIAL_FILES == dict(FashionMNIST.resources)

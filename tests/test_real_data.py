@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.fashion import fashion
+from fashion_pipeline.flows.fashion import fashion
 from tests.tensorboard_reader import loss_steps
 
 

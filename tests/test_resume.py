@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.checkpoint import CheckpointStore
+from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore
 from tests.conftest import (
     FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
     wait_while_running,

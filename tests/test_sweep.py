@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.sweep import main, plan
-from tasks.data import download
-from tasks.local_server import free_port
-from tasks.train import Hyperparameters, train_task, training_dir
+from fashion_pipeline.flows.sweep import main
+from fashion_pipeline.tasks.sweep.plan import plan
+from fashion_pipeline.tasks.download import download
+from fashion_pipeline.tasks.plumbing.local_server import free_port
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.train import train, training_dir
 from tests.conftest import REPO, TINY, VALIDATION, final_weights, run_tiny_flow, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
 
@@ -122,7 +124,7 @@ def test_failing_configuration_is_reported_and_rerun_trains_only_it(
     assert failed["state"] == "Failed" and failed["stages"]["train"] == "Failed"
     assert failed["error"].startswith("train: FileExistsError") and blocker.name in failed["error"]
     assert summary["best"]["name"] == max(done, key=lambda entry: entry["test_accuracy"])["name"]
-    assert_table_reports(summary, attempts=1 + train_task.retries)
+    assert_table_reports(summary, attempts=1 + train.task.retries)
 
     trained = {entry["name"]: (Path(entry["train_dir"]) / "training.json").stat().st_mtime_ns for entry in done}
     blocker.unlink()
@@ -231,7 +233,7 @@ def test_halving_trains_the_expected_steps_and_resumes_after_sigkill(prefect_api
     import subprocess
     import sys
 
-    from tasks.polling import wait_for
+    from fashion_pipeline.tasks.plumbing.polling import wait_for
     from tests.synthetic import TRAIN_SIZE
 
     rates = [0.002, 0.01, 0.02, 0.2]

@@ -14,9 +14,9 @@ from bench.screenshots import (
     CHROMIUM, DRAWN_LINE, LOSS_TAG, RUN_TABS, active_tabs, chromium_page, fetch_bytes, fetch_json, show_dashboard,
     tags, tensorboard,
 )
-from tasks.data import CLASSES
-from tasks.polling import wait_for
-from tasks.report import HPARAM_FIELDS
+from fashion_pipeline.tasks.ml.dataset import CLASSES
+from fashion_pipeline.tasks.plumbing.polling import wait_for
+from fashion_pipeline.tasks.report import HPARAM_FIELDS
 from tests.conftest import TINY, expected_loss_steps
 
 if TYPE_CHECKING:

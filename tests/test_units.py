@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_score, recall_score
 
-from tasks.caching import source_digest
-from tasks.evaluation import average_precision, score
-from tasks.files import read_manifest, write_manifest
+from fashion_pipeline.tasks.stage import source_digest
+from fashion_pipeline.tasks.ml.evaluation import average_precision, score
+from fashion_pipeline.tasks.plumbing.files import read_manifest, write_manifest
 
 
 def scores_with_ties(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +81,8 @@ def test_manifest_verifies_its_files_and_facts(tmp_path: Path) -> None:
 
 
 def test_sweep_plan_names_configurations_by_what_varies(tmp_path: Path) -> None:
-    from flows.sweep import plan
-    from tasks.config import ConfigError
+    from fashion_pipeline.tasks.sweep.plan import plan
+    from fashion_pipeline.tasks.config import ConfigError
 
     base = {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "device": "cpu"}
     trials = plan("grid", base, grid={"lr": [0.01, 0.1], "batch_size": [4, 8]})
@@ -96,8 +96,8 @@ def test_sweep_plan_names_configurations_by_what_varies(tmp_path: Path) -> None:
 
 
 def test_flow_signature_is_run_config() -> None:
-    from flows.fashion import fashion
-    from tasks.config import RunConfig
+    from fashion_pipeline.flows.fashion import fashion
+    from fashion_pipeline.tasks.config import RunConfig
 
     parameters, hints = inspect.signature(fashion.fn).parameters, typing.get_type_hints(fashion.fn)
     assert list(parameters) == list(RunConfig.model_fields)
@@ -107,23 +107,25 @@ def test_flow_signature_is_run_config() -> None:
 
 
 def test_stage_names_are_the_pipelines(tmp_path: Path) -> None:
-    # --refresh validates against tasks.config.STAGES, which must be the chain the flows run, in order.
-    from flows.pipeline import run_stages
-    from tasks.config import STAGES, parse_config
-    from tasks.data import download_task
+    # --refresh validates against tasks.config.STAGES, which must be the stages the pipeline runs, in order.
+    from fashion_pipeline.tasks.config import STAGES, parse_config
+    from fashion_pipeline.tasks.pipeline import run_pipeline
 
-    called: list[str] = []
+    class Recorder:
+        states: dict[str, str] = {}
+        called: list[str] = []
 
-    def record(stage: typing.Any, **inputs: typing.Any) -> Path:
-        called.append(stage.name)
-        return tmp_path / f"{stage.name}.json"
+        def __call__(self, stage: typing.Any, **inputs: typing.Any) -> Path:
+            self.called.append(stage.name)
+            return tmp_path / f"{stage.name}.json"
 
-    run_stages(record, parse_config({"runs_dir": str(tmp_path)}), "cpu", dataset=tmp_path / "dataset.json")
-    assert list(STAGES) == [download_task.name, *called]
+    run = Recorder()
+    run_pipeline(parse_config({"runs_dir": str(tmp_path)}), "cpu", None, run)  # type: ignore[arg-type]
+    assert run.called == [*STAGES, "report"]
 
 
 def test_validation_split_is_seeded_stratified_and_disjoint() -> None:
-    from tasks.batches import validation_split
+    from fashion_pipeline.tasks.ml.batches import validation_split
 
     labels = torch.arange(1000) % 10
     labels[:100] = 0  # an uneven class mix: class 0 holds 19% of the images
@@ -137,7 +139,7 @@ def test_validation_split_is_seeded_stratified_and_disjoint() -> None:
 
 
 def test_sweep_selects_on_validation_not_test() -> None:
-    from flows.sweep import summarise
+    from fashion_pipeline.tasks.sweep.results import summarise
 
     entries = [
         {"name": "a", "state": "Completed", "validation_accuracy": 0.80, "test_accuracy": 0.90},
@@ -151,16 +153,17 @@ def test_sweep_selects_on_validation_not_test() -> None:
 
 
 def test_sweep_without_validation_is_refused(tmp_path: Path) -> None:
-    from flows.sweep import plan
-    from tasks.config import ConfigError
+    from fashion_pipeline.tasks.sweep.plan import plan
+    from fashion_pipeline.tasks.config import ConfigError
 
     with pytest.raises(ConfigError, match="--validation-size 0: a sweep picks its best configuration on held-out"):
         plan("s", {"runs_dir": str(tmp_path), "validation_size": 0}, grid={"lr": [0.01, 0.1]})
 
 
 def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
-    from flows.sweep import plan, promote, rung_epochs
-    from tasks.config import ConfigError
+    from fashion_pipeline.tasks.sweep.plan import plan, rung_epochs
+    from fashion_pipeline.tasks.sweep.results import promote
+    from fashion_pipeline.tasks.config import ConfigError
 
     assert rung_epochs(4, 2) == [1, 2, 4] and rung_epochs(15, 3) == [1, 5, 15] and rung_epochs(3, None) == [3]
     entries = [{"name": name, "state": "Completed", "validation_accuracy": accuracy}
@@ -176,7 +179,7 @@ def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
 
 
 def test_augmentation_shifts_and_flips_reproducibly() -> None:
-    from tasks.batches import Augmentation
+    from fashion_pipeline.tasks.ml.batches import Augmentation
 
     images = torch.arange(4 * 28 * 28, dtype=torch.int64).reshape(4, 28, 28).remainder(251).to(torch.uint8)
     first, second = Augmentation(seed=1), Augmentation(seed=1)
@@ -192,6 +195,6 @@ def test_augmentation_shifts_and_flips_reproducibly() -> None:
 
 
 def test_training_on_an_accelerator_is_tagged_with_its_device_type() -> None:
-    from flows.pipeline import accelerator_tag
+    from fashion_pipeline.tasks.pipeline import accelerator_tag
 
     assert accelerator_tag("cuda:1") == ("cuda",) and accelerator_tag("mps") == ("mps",) and accelerator_tag("cpu") == ()

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from tasks.failures import PermanentError
-from tasks.files import nearest_existing
+from fashion_pipeline.tasks.plumbing.failures import PermanentError
+from fashion_pipeline.tasks.plumbing.files import nearest_existing
 
 
 class ExperimentBusyError(PermanentError):

@@ -12,21 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# -P: not the current directory first on the path, where a `tasks` of someone else's could shadow ours.
-# This project's folder goes last, for a checkout that is not installed: an installed copy wins, and
-# nothing of the standard library or site-packages can be shadowed.
-BOOTSTRAP = ("import runpy, sys; sys.path.append(sys.argv.pop(1)); "
-             "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 def module_command(module: str, *args: str) -> list[str]:
-    """The command that runs `module` of this project as `__main__` of a new Python process, with `args`."""
-    return [sys.executable, "-P", "-c", BOOTSTRAP, str(REPOSITORY), module, *args]
+    """The command that runs `module` of this project as `__main__` of a new Python process, with `args`.
+
+    -P: the current directory is not put first on the path, so nothing there can shadow a module.
+    """
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 def start_child(module: str, *args: str, **popen: Any) -> subprocess.Popen:

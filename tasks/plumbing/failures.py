@@ -41,7 +41,7 @@ class RunFailed(RuntimeError):
 
 def is_permanent(error: BaseException) -> bool:
     """Whether retrying cannot mend `error`."""
-    from tasks.config import ConfigError  # noqa: PLC0415  (config's errors are permanent by this rule)
+    from fashion_pipeline.tasks.config import ConfigError  # noqa: PLC0415  (config's errors are permanent by this rule)
 
     if isinstance(error, RunFailed) and error.__cause__ is not None:
         return is_permanent(error.__cause__)
@@ -64,7 +64,7 @@ def one_line(error: BaseException) -> str:
 
 def exit_status(error: BaseException) -> int:
     """A command line's exit status for a failed run: 2 for a bad parameter (as argparse), 1 otherwise."""
-    from tasks.config import ConfigError  # noqa: PLC0415
+    from fashion_pipeline.tasks.config import ConfigError  # noqa: PLC0415
 
     cause = error.__cause__ if isinstance(error, RunFailed) else error
     return 2 if isinstance(cause, ConfigError) else 1

@@ -15,7 +15,7 @@ for this Prefect home, or starts it as a process of its own that outlives the ru
   the rest are off unless the user's settings say otherwise (SERVICE_DEFAULTS). Its own output goes
   to `server.log` in the Prefect home, not into a run's terminal.
 
-    python -m tasks.local_server status | start | stop
+    python -m fashion_pipeline.tasks.plumbing.local_server status | start | stop
 
 Prefect's server is started through `prefect.server.api.server.create_app`, the factory behind
 `prefect server start`. That and the settings below are Prefect's internals: `incompatibility()`
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tasks.child_process import module_command
-from tasks.failures import PermanentError
-from tasks.polling import wait_for
+from fashion_pipeline.tasks.plumbing.child_process import module_command
+from fashion_pipeline.tasks.plumbing.failures import PermanentError
+from fashion_pipeline.tasks.plumbing.polling import wait_for
 
 TESTED_PREFECT = "3.9"  # the Prefect minor release whose internals this module uses; pinned in pyproject.toml
 STARTUP_SECONDS = 120.0  # a new database on a slow machine takes tens of seconds to migrate
@@ -240,7 +240,7 @@ def running(home: Path) -> LocalServer | None:
 
     if server.prefect != prefect.__version__:
         raise LocalServerError(f"the local Prefect server of {home} runs Prefect {server.prefect}, this is "
-                               f"{prefect.__version__}: stop it (python -m tasks.local_server stop)")
+                               f"{prefect.__version__}: stop it (python -m fashion_pipeline.tasks.plumbing.local_server stop)")
     return server
 
 
@@ -282,7 +282,7 @@ def _spawn(home: Path) -> subprocess.Popen:
     chosen = get_current_settings().to_environment_variables(exclude_unset=True)  # the user's, from env or profile
     defaults = {name: value for name, value in SERVICE_DEFAULTS.items() if name not in chosen and name not in os.environ}
     with open(home / LOG, "ab") as log:
-        return subprocess.Popen(module_command("tasks.local_server", "serve", str(home)), env={**os.environ, **defaults, **chosen},
+        return subprocess.Popen(module_command(__name__, "serve", str(home)), env={**os.environ, **defaults, **chosen},
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=home)
 
@@ -392,7 +392,7 @@ class Activity:
 
 
 def _write_state(home: Path, state: dict[str, Any]) -> None:
-    from tasks.files import atomic_write_json
+    from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 
     atomic_write_json(home / STATE, state)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
-from tasks.failures import TransientError
+from fashion_pipeline.tasks.plumbing.failures import TransientError
 
 FAULT_ENV = "FASHION_FAULT"
 _fired: set[str] = set()

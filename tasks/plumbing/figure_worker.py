@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from tasks.child_process import child_arguments, start_child
-from tasks.failures import TransientError
+from fashion_pipeline.tasks.plumbing.child_process import child_arguments, start_child
+from fashion_pipeline.tasks.plumbing.failures import TransientError
 
 if TYPE_CHECKING:  # the child process runs this module too: it imports no torch
     import numpy as np
@@ -93,7 +93,7 @@ class FigureWorker:
 
 def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     """In the child: draw each request, reply with (png, height, width), until the input ends."""
-    from tasks.figures import PredictionsFigure, png_bytes
+    from fashion_pipeline.tasks.ml.figures import PredictionsFigure, png_bytes
 
     figure = PredictionsFigure(pickle.load(requests))
     while True:

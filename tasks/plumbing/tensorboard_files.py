@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.files import naming
+from fashion_pipeline.tasks.plumbing.files import naming
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

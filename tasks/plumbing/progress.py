@@ -9,7 +9,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from tqdm import tqdm
 
-from tasks.log import stage_logger
+from fashion_pipeline.tasks.plumbing.log import stage_logger
 
 
 class StepProgress:

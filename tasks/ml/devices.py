@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 
-from tasks.config import ConfigError
+from fashion_pipeline.tasks.config import ConfigError
 
 
 def device_type(device: str) -> str:

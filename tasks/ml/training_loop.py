@@ -15,19 +15,21 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks import batches, checkpoint, model, rng
-from tasks.checkpoint import CheckpointStore, load_checkpoint
-from tasks.data import CLASSES, load_split
-from tasks.devices import cpu_threads
-from tasks.faults import fault_point
-from tasks.failures import one_line
-from tasks.figure_worker import FigureWorker
-from tasks.files import atomic_write_json, naming, write_manifest
-from tasks.log import stage_logger
-from tasks.progress import StepProgress
-from tasks.train import (
-    KEY_FILE, LOSS_TAG, PREDICTIONS_TAG, VALIDATION_ACCURACY_TAG, VALIDATION_LOSS_TAG, Hyperparameters, training_key,
-)
+from fashion_pipeline.tasks.ml import batches, checkpoints, model, rng
+from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore, load_checkpoint
+from fashion_pipeline.tasks.ml.dataset import CLASSES, load_split
+from fashion_pipeline.tasks.ml.devices import cpu_threads
+from fashion_pipeline.tasks.plumbing.faults import fault_point
+from fashion_pipeline.tasks.plumbing.failures import one_line
+from fashion_pipeline.tasks.plumbing.figure_worker import FigureWorker
+from fashion_pipeline.tasks.plumbing.files import Written, atomic_write_json, naming
+from fashion_pipeline.tasks.plumbing.log import stage_logger
+from fashion_pipeline.tasks.plumbing.progress import StepProgress
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+
+LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
+VALIDATION_LOSS_TAG, VALIDATION_ACCURACY_TAG = "validation loss", "validation accuracy"
+KEY_FILE = "key.json"  # in each training's folder: what its name is the digest of
 
 # Batches this small are bound by per-op overhead, where PyTorch's own convolutions beat oneDNN's.
 ONEDNN_MIN_BATCH = 9
@@ -35,23 +37,21 @@ VALIDATION_BATCH = 1000  # validation is a few large matrix products, as evaluat
 
 
 def run_training(
-    dataset: Path, out: Path, hyperparameters: Hyperparameters, device: str, log_every: int, checkpoint_every: int,
-    refresh: bool,
-) -> Path:
-    """Train into `out`, resuming from its newest valid checkpoint unless `refresh`; returns the training manifest.
+    dataset: Path, out: Path, key: dict[str, Any], hyperparameters: Hyperparameters, device: str, log_every: int,
+    checkpoint_every: int, refresh: bool,
+) -> Written:
+    """Train into `out`, resuming from its newest valid checkpoint unless `refresh`; returns the final checkpoint.
 
     Without a checkpoint of its own, a training continues an earlier one of the same run that
-    differs only in its epoch count (see `continue_shorter`). The arguments are those of
-    tasks.train.train, with `out` the training's keyed folder.
+    differs only in its epoch count (see `continue_shorter`). The arguments are those of the train
+    stage (tasks/train.py), with `out` the training's keyed folder and `key` what its name is the digest of.
     """
-    manifest_path = out / "training.json"
     store = CheckpointStore(out / "checkpoints")
     found = None if refresh else store.latest()
     if found is None:
         # Nothing to resume: whatever is left in the folder belongs to a training that is being redone.
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    key = training_key(dataset, hyperparameters, device)
     atomic_write_json(out / KEY_FILE, key)  # for later trainings that may continue this one
 
     images, labels = load_split(dataset, "train")
@@ -76,11 +76,11 @@ def run_training(
         finally:
             writer.close()
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
-    return write_manifest(
-        manifest_path, [final], checkpoint=str(final.relative_to(out)), global_step=loop.global_step,
-        training_loss=loop.last_loss, validation=loop.validation,
-        hyperparameters=asdict(hyperparameters), device=device, seconds=round(time.perf_counter() - started, 3),
-    )
+    return Written([final], {
+        "checkpoint": str(final.relative_to(out)), "global_step": loop.global_step, "training_loss": loop.last_loss,
+        "validation": loop.validation, "hyperparameters": asdict(hyperparameters), "device": device,
+        "seconds": round(time.perf_counter() - started, 3),
+    })
 
 
 def continue_shorter(out: Path, key: dict[str, Any], store: CheckpointStore,
@@ -156,7 +156,7 @@ class TrainingLoop:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": checkpoint.FORMAT,
+            "format": checkpoints.FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},

@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -116,6 +117,14 @@ def atomic_write_json(path: Path, value: Any) -> Path:
     """Write `value` as indented JSON, atomically."""
     text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
     return atomic_write(path, lambda stream: stream.write(text.encode()))
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a stage's work wrote: the files its manifest vouches for, and facts to record beside them."""
+
+    files: list[Path]
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def write_manifest(path: Path, files: Iterable[Path], **facts: Any) -> Path:

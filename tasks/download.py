@@ -1,7 +1,6 @@
-"""Download stage: Fashion-MNIST through torchvision, md5-verified, decoded once into a uint8 tensor cache.
+"""The download stage: Fashion-MNIST through torchvision's own download code, md5-verified, decoded once into a uint8 tensor cache.
 
-torch and torchvision are imported by the functions that use them: a cached rerun only reads the
-manifest, and never pays for importing them.
+torch and torchvision are imported only when there is work to do: a cached rerun reads only the manifest.
 """
 
 from __future__ import annotations
@@ -11,23 +10,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from prefect.tasks import exponential_backoff
 
-from tasks.caching import StageOutput, source_digest, stage_task
-from tasks.config import is_url
-from tasks.failures import PermanentError, TransientError
-from tasks.files import atomic_write, digest_json, md5_file, read_manifest, write_manifest
+from fashion_pipeline.tasks.config import is_url
+from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError
+from fashion_pipeline.tasks.ml.dataset import decode
+from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, md5_file
+from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
-if TYPE_CHECKING:
-    import torch
-
-# torchvision's FashionMNIST.classes and .resources (a test checks that they agree), written out so
-# that a cached rerun, which only checks these, never pays for importing torchvision (seconds).
-CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+# torchvision's FashionMNIST.resources (a test checks that they agree), written out so that a cached
+# rerun, which only checks these, never pays for importing torchvision (seconds).
 OFFICIAL_FILES: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -65,44 +57,44 @@ def dataset_output(data_dir: str, **_: object) -> StageOutput:
     return Path(data_dir) / "FashionMNIST" / "dataset.json", {"md5": expected_files()}
 
 
-def fingerprint(dataset: Path) -> str:
-    """The dataset's fingerprint: a digest of its source files' md5."""
-    return json.loads(Path(dataset).read_text())["fingerprint"]
-
-
-def download(data_dir: str, mirror: str | None = None, refresh: bool = False) -> Path:
-    """Fetch, verify and decode Fashion-MNIST into `data_dir`, unless a verified copy is already there.
+@stage(
+    "download",
+    output=dataset_output,
+    ignore=("mirror",),  # every source is md5-checked against the same list
+    serializable=True,  # experiments sharing a data folder download it once
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+)
+def download(data_dir: str, mirror: str | None = None) -> Written:
+    """Fetch, verify and decode Fashion-MNIST into `data_dir`.
 
     Args:
         data_dir: root folder; torchvision's layout `FashionMNIST/raw/` is kept, so torchvision reads it too.
         mirror: an http(s) URL or a local folder with the four `.gz` files; None for the official mirrors.
-        refresh: fetch and decode again even when a verified copy exists.
 
     Returns:
-        The dataset manifest: the decoded cache's file and checksum, the source files' md5 and fingerprint.
+        The decoded cache, with the source files' md5 and fingerprint: the dataset manifest that
+        every later stage reads (tasks/ml/dataset.py).
     """
     manifest_path, facts = dataset_output(data_dir)
-    if not refresh and read_manifest(manifest_path, **facts):
-        return manifest_path
     files = facts["md5"]
-
     final_raw = manifest_path.parent / "raw"
     final_raw.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=manifest_path.parent, prefix=".staging-") as staging:
         staged_raw = Path(staging) / "FashionMNIST" / "raw"
         staged_raw.mkdir(parents=True)
-        _stage_verified_copies(final_raw, staged_raw, files, strict=False)
+        _stage_verified_copies(final_raw, staged_raw, files, strict=False)  # earlier downloads are not fetched again
         if mirror and not is_url(mirror):
             _stage_verified_copies(Path(mirror), staged_raw, files, strict=True)
         _fetch_with_torchvision(Path(staging), files, mirror)
         import torch
 
         cache_path = manifest_path.parent / f"fashion-mnist-{digest_json(files)[:12]}.pt"
-        atomic_write(cache_path, lambda stream: torch.save(_decode(Path(staging)), stream))
+        atomic_write(cache_path, lambda stream: torch.save(decode(Path(staging)), stream))
         for name in files:  # publish the verified .gz files and their decoded IDX twins
             for published in (name, name.removesuffix(".gz")):
                 os.replace(staged_raw / published, final_raw / published)
-    return write_manifest(manifest_path, [cache_path], cache=cache_path.name, md5=files, fingerprint=digest_json(files))
+    return Written([cache_path], {"cache": cache_path.name, "fingerprint": digest_json(files)})
 
 
 def _stage_verified_copies(source: Path, staged_raw: Path, files: dict[str, str], strict: bool) -> None:
@@ -142,39 +134,3 @@ def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | Non
                                            "the mirror serves another file; use another mirror") from None
         reason = " ".join(str(error).split())
         raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {reason}") from error
-
-
-def _decode(root: Path) -> dict[str, torch.Tensor]:
-    """Decode the IDX files with torchvision's reader into uint8 images (N, 28, 28) and int64 labels."""
-    from torchvision.datasets import FashionMNIST
-
-    train = FashionMNIST(str(root), train=True)
-    test = FashionMNIST(str(root), train=False)
-    return {
-        "train_images": train.data.contiguous(),
-        "train_labels": train.targets.contiguous(),
-        "test_images": test.data.contiguous(),
-        "test_labels": test.targets.contiguous(),
-    }
-
-
-def load_split(dataset_manifest: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 images (N, 28, 28) and int64 labels of `split` ('train' or 'test') from the decoded cache."""
-    import torch
-
-    manifest = json.loads(Path(dataset_manifest).read_text())
-    # weights_only: the cache is data, never code; mmap: pages are read only when used.
-    tensors = torch.load(Path(dataset_manifest).parent / manifest["cache"], weights_only=True, mmap=True)
-    return tensors[f"{split}_images"], tensors[f"{split}_labels"]
-
-
-download_task = stage_task(
-    download,
-    name="download",
-    output=dataset_output,
-    code=source_digest(__name__),
-    ignore=("mirror",),  # every source is md5-checked against the same list
-    serializable=True,  # experiments sharing a data folder download it once
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-)

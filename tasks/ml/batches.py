@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.config import ConfigError
+from fashion_pipeline.tasks.config import ConfigError
 
 # The tutorial's transform, Normalize((0.5,), (0.5,)) after ToTensor, maps [0, 255] to [-1, 1].
 MEAN, STD = 0.5, 0.5

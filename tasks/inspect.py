@@ -1,38 +1,35 @@
-"""Inspection stage: what the data looks like, in TensorBoard's IMAGES and PROJECTOR tabs."""
+"""The inspect stage: what the data looks like, in TensorBoard's IMAGES and PROJECTOR tabs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.caching import StageOutput, source_digest, stage_task
-from tasks.data import CLASSES, fingerprint, load_split
-from tasks.events import event_files, replacing_writer
-from tasks.files import digest_json, read_manifest, write_manifest
+from fashion_pipeline.tasks.ml.dataset import CLASSES, fingerprint, load_split
+from fashion_pipeline.tasks.plumbing.files import digest_json
+from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
+from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
 GRID_TAG = "four_fashion_mnist_images"
 EMBEDDING_SIZE = 100
 
 
 def inspection_output(dataset: Path, run_dir: str, seed: int, **_: object) -> StageOutput:
-    """The inspection manifest in the run directory, and the digest of the data, seed and code it must match."""
-    return Path(run_dir) / "inspect.json", {"inputs": digest_json([fingerprint(dataset), seed, INSPECTION_CODE])}
+    """The inspection manifest in the run directory, and the digest of the data and seed it must match."""
+    return Path(run_dir) / "inspect.json", {"inputs": digest_json([fingerprint(dataset), seed])}
 
 
-def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = False) -> Path:
+@stage("inspect", output=inspection_output, code=("ml.dataset",))
+def inspect(dataset: Path, run_dir: str, seed: int) -> Written:
     """Log a grid of 4 training images and a projector embedding of 100 random ones with their class names.
 
     Args:
         dataset: the dataset manifest.
         run_dir: the experiment's run directory (its TensorBoard run).
         seed: picks which images are shown.
-        refresh: log again even if this was already logged.
 
     Returns:
-        The inspection manifest, listing the event and projector files.
+        The event and projector files, and which images the grid shows.
     """
-    manifest_path, facts = inspection_output(dataset, run_dir, seed)
-    if not refresh and read_manifest(manifest_path, **facts):
-        return manifest_path
     import torch  # here, not at the top: a cached rerun never imports torch or torchvision
     from torchvision.utils import make_grid
 
@@ -51,8 +48,4 @@ def inspect_dataset(dataset: Path, run_dir: str, seed: int, refresh: bool = Fals
         )
     projector = [path for path in Path(run_dir).glob("00000/default/*") if path.is_file()]
     files = event_files(Path(run_dir), "inspect") + projector + [Path(run_dir) / "projector_config.pbtxt"]
-    return write_manifest(manifest_path, files, grid_indices=four.tolist(), embedding_size=len(sample), **facts)
-
-
-INSPECTION_CODE = source_digest(__name__)
-inspect_task = stage_task(inspect_dataset, name="inspect", output=inspection_output, code=INSPECTION_CODE)
+    return Written(files, {"grid_indices": four.tolist(), "embedding_size": len(sample)})

@@ -1,0 +1,67 @@
+"""The Dask cluster a sweep fans out on: an existing one, or a temporary one on this machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from distributed import LocalCluster
+from distributed.comm.addressing import parse_address, parse_host_port
+from prefect import get_client
+from prefect_dask import DaskTaskRunner
+
+from fashion_pipeline.tasks.config import ConfigError
+
+
+def local_runner(workers: int | None = None, report: str | None = None) -> DaskTaskRunner:
+    """A temporary Dask cluster on this machine: `workers` processes (default: one per CPU core), one thread each.
+
+    Its dashboard listens on a free port of 127.0.0.1 (the log gives its address), so that sweeps
+    started side by side do not collide; `report` names a file for Dask's performance report.
+
+    Processes rather than threads: training seeds the model's initial weights with torch.manual_seed,
+    torch's process-wide generator, and sets torch's thread count for the process. Two trainings in
+    threads of one process would interleave their draws from that generator and override each
+    other's setting, so their weights would depend on timing; a process per running task keeps
+    every configuration's result the same as a run of flows/fashion.py with its parameters.
+    """
+    return DaskTaskRunner(
+        cluster_class=local_cluster,
+        cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": "127.0.0.1:0"},
+        performance_report_path=report,
+    )
+
+
+def local_cluster(**options: Any) -> LocalCluster:
+    """A LocalCluster whose workers report to this process's Prefect API.
+
+    Without PREFECT_API_URL, that is the local server of this Prefect home (tasks/plumbing/local_server.py);
+    told its address, the workers use it instead of each starting a server of its own.
+    """
+    api_url = get_client(sync_client=True).api_url
+    return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
+
+
+def check_scheduler(address: str, timeout: float = 5) -> None:
+    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
+
+    Dask itself would try for 30 s from inside the flow run and end in a traceback.
+    """
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as error:
+        raise ConfigError(f"--dask-address {address}: {error}") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
+
+
+def task_runner(dask_address: str | None, workers: int | None, report: str | None = None) -> DaskTaskRunner:
+    """The existing Dask cluster at `dask_address`, else a local one; `report` names a file for Dask's
+    performance report."""
+    if dask_address:
+        return DaskTaskRunner(address=dask_address, performance_report_path=report)
+    return local_runner(workers, report)

@@ -1,0 +1,175 @@
+"""The stage mechanism, written once: a stage's manifest protocol, its code digest, its Prefect cache policy and refresh.
+
+A stage module holds its work and nothing else:
+
+    @stage("graph", output=graph_output, code=("ml.model",))
+    def graph(run_dir: str) -> Written:
+        ...                                  # the work: write the files
+        return Written(files)                # the files its manifest vouches for
+
+`graph(run_dir)` is then the plain function, runnable without Prefect: it returns the manifest's path
+at once when the manifest already vouches for this output, and otherwise does the work and writes
+the manifest (last, atomically). `graph.task` is the Prefect task around it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.runtime import task_run
+
+from fashion_pipeline.tasks.plumbing.cache_locks import FlockLockManager
+from fashion_pipeline.tasks.plumbing.failures import retry_transient
+from fashion_pipeline.tasks.plumbing.files import Written, digest_json, read_manifest, sha256_file, write_manifest
+
+PACKAGE = __name__.rpartition(".")[0]  # the stages' package: `code` names modules relative to it
+# A stage's manifest path and the facts it must record for given inputs: what tells a finished,
+# current output from a missing, altered or stale one.
+StageOutput = tuple[Path, dict[str, Any]]
+__all__ = ["Stage", "StageOutput", "Written", "source_digest", "stage"]
+
+
+def source_digest(*modules: str) -> str:
+    """Digest of the named modules' code, blind to comments, docstrings and formatting.
+
+    Editing a comment or a docstring leaves it unchanged, so such edits do not invalidate the cache.
+    The modules are read, not imported: a cached rerun never imports torch.
+    """
+    digest = hashlib.sha256()
+    for module in modules:
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and _is_docstring(body[0]):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree, annotate_fields=False).encode())
+    return digest.hexdigest()
+
+
+def _is_docstring(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant) and isinstance(statement.value.value, str)
+
+
+def input_digest(inputs: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """Digest of a stage's inputs: files by their content (upstream manifests), everything else by value."""
+    canonical = {
+        name: sha256_file(value) if isinstance(value, Path) and value.is_file() else value
+        for name, value in sorted(inputs.items())
+        if name not in ignore and name != "refresh"
+    }
+    return digest_json(canonical)
+
+
+class Stage:
+    """One stage of the pipeline: its work behind its manifest, callable as a plain function; `.task` is its Prefect task.
+
+    The manifest records, besides the work's own facts, those of `output` for the inputs and the
+    digest of the stage's code: a manifest that records other inputs or code, or whose files are
+    missing or altered, does not vouch, and the work runs again.
+    """
+
+    def __init__(self, work: Callable[..., Written], name: str, output: Callable[..., StageOutput],
+                 code: tuple[str, ...], ignore: tuple[str, ...], serializable: bool, options: dict[str, Any]) -> None:
+        self.work, self.name, self.output, self.ignore = work, name, output, ignore
+        self.code = source_digest(*(f"{PACKAGE}.{module}" for module in code), work.__module__)
+        signature = inspect.signature(work)
+        self._work_takes_refresh = "refresh" in signature.parameters
+        if not self._work_takes_refresh:
+            refresh = inspect.Parameter("refresh", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+            signature = signature.replace(parameters=[*signature.parameters.values(), refresh],
+                                          return_annotation="Path")
+        self.signature = signature
+        functools.update_wrapper(self, work)  # its name, module and docstring
+        self.__signature__ = signature
+        self.task = _as_task(self, serializable, options)
+
+    def expected(self, **inputs: Any) -> StageOutput:
+        """The manifest these inputs lead to, and every fact it must record to vouch for them."""
+        manifest, facts = self.output(**inputs)
+        return manifest, facts | {"code": self.code}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        """Return the manifest that vouches for these inputs' output, doing the work first where none does.
+
+        `refresh=True` does the work even when the manifest vouches.
+        """
+        call = self.signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        inputs = dict(call.arguments)
+        refresh = inputs["refresh"] if self._work_takes_refresh else inputs.pop("refresh")
+        manifest, facts = self.expected(**inputs)
+        if not refresh and read_manifest(manifest, **facts):
+            return manifest
+        written = self.work(**inputs)
+        return write_manifest(manifest, written.files, **written.facts, **facts)
+
+
+def stage(name: str, *, output: Callable[..., StageOutput], code: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+          serializable: bool = False, **options: Any) -> Callable[[Callable[..., Written]], Stage]:
+    """Make a stage's work function a Stage.
+
+    Args:
+        name: the stage's name, as `--refresh` and the Prefect UI show it.
+        output: from the stage's inputs, without running it: the manifest's path and the facts it
+            must record.
+        code: the modules, besides the stage's own, whose code decides its output ("ml.model"), named
+            relative to this package; a change to their code (not to comments) runs the stage again.
+        ignore: inputs that cannot change the output: left out of the cache key.
+        serializable: one run at a time per cache key, across processes: concurrent runs that share
+            the output (experiments sharing a data folder) wait for the first and find it cached.
+        options: further `@task` options (retries, retry_delay_seconds, ...); retries are for
+            transient failures only (tasks/plumbing/failures.py).
+    """
+    return lambda work: Stage(work, name, output, code, ignore, serializable, options)
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Cache key = stage name + its code + its inputs; a key whose manifest no longer vouches is recomputed.
+
+    When the manifest does not verify while a cached record exists, the key is withheld, so the task
+    runs and rebuilds the files instead of handing on a stale path. `refresh=True` among the inputs
+    forces a run the same way.
+    """
+
+    stage: Stage | None = field(default=None, repr=False)
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        if inputs.get("refresh"):
+            return None
+        key = f"{self.stage.name}-{digest_json([self.stage.code, input_digest(inputs, self.stage.ignore)])[:32]}"
+        manifest, facts = self.stage.expected(**inputs)
+        if read_manifest(manifest, **facts) is None and task_ctx.result_store.exists(key):
+            return None
+        return key
+
+
+def _as_task(stage: Stage, serializable: bool, options: dict[str, Any]) -> Task:
+    """The Prefect task of `stage`, cached by StageCache; `refresh` holds on its first attempt only."""
+
+    @functools.wraps(stage)
+    def attempt(*args: Any, **kwargs: Any) -> Path:
+        call = stage.signature.bind(*args, **kwargs)
+        call.arguments["refresh"] = call.arguments.get("refresh", False) and task_run.run_count <= 1  # a retry resumes
+        return stage(*call.args, **call.kwargs)
+
+    attempt.__signature__ = stage.signature
+    policy: CachePolicy = StageCache(stage=stage)
+    if serializable:
+        policy = policy.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager())
+    # JSON cache records: a stage's result is a manifest's path, which needs no pickle.
+    return task(attempt, name=stage.name, task_run_name=stage.name, cache_policy=policy, persist_result=True,
+                result_serializer="json", retry_condition_fn=retry_transient, **options)

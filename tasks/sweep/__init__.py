@@ -1,0 +1,1 @@
+"""Sweeps: their plan, checked before any work, and their results."""

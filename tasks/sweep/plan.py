@@ -1,0 +1,142 @@
+"""A sweep's plan: every configuration checked, named and given its device before any work, and halving's rungs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fashion_pipeline.tasks.config import ConfigError, RunConfig, is_url, parse_config
+from fashion_pipeline.tasks.ml.devices import resolve_device
+
+# One value, the sweep's, for all; configurations validated on different images could not be compared.
+SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh", "validation_size")
+VARIABLE = tuple(name for name in RunConfig.model_fields if name not in SHARED)  # what a configuration may set
+VALIDATION_SIZE = 5000  # a sweep's default --validation-size
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration of a sweep: its name, its varied values and its checked parameters."""
+
+    name: str
+    values: dict[str, Any]
+    config: RunConfig
+    device: str  # resolved: "cpu", "cuda:1", ...
+
+
+def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = None,
+         configurations: list[dict[str, Any]] | None = None, halving: int | None = None) -> list[Trial]:
+    """Check every configuration of a sweep before any work; a bad one is a one-line ConfigError.
+
+    Args:
+        name: the sweep's folder under the runs dir; configuration runs are `<name>/<varied values>`.
+        base: RunConfig values every configuration starts from (not `experiment`).
+        grid: parameter -> list of values, expanded as a product, in the grid's key order.
+        configurations: or a list of parameter overrides, one configuration each.
+        halving: successive halving's ETA, or None; its rungs continue trainings, so every
+            configuration must have the constant schedule and the same epochs.
+    """
+    if (grid is None) == (configurations is None):
+        raise ConfigError("give either a grid or a list of configurations")
+    if "experiment" in base:
+        raise ConfigError("--experiment is set per configuration by the sweep; name the sweep with --name")
+    base = shared_folders({"validation_size": VALIDATION_SIZE} | base, name)
+    if not base["validation_size"]:
+        raise ConfigError("--validation-size 0: a sweep picks its best configuration on held-out training images, "
+                          f"never on the test set; give --validation-size N (default {VALIDATION_SIZE})")
+    overrides = expand(grid) if grid is not None else configurations
+    if not overrides:
+        raise ConfigError("the sweep has no configurations")
+    for override in overrides:
+        if not isinstance(override, dict):
+            raise ConfigError(f"configuration {override!r} is not an object of parameter values")
+        if fixed := sorted(set(override) - set(VARIABLE)):
+            raise ConfigError(f"configuration {_show(override)}: {', '.join(fixed)} cannot vary within a sweep; "
+                              f"a configuration may set {', '.join(VARIABLE)}")
+    checked = [_checked(base | override | {"experiment": name}, override) for override in overrides]
+    given = list(dict.fromkeys(key for override in overrides for key in override))
+    varied = [key for key in given if len({repr(getattr(config, key)) for config in checked}) > 1] or given
+    trials, seen = [], {}
+    for override, config in zip(overrides, checked):
+        values = {key: getattr(config, key) for key in varied}
+        label = ",".join(f"{key}={_slug(value)}" for key, value in values.items()) or "base"
+        if label in seen:
+            raise ConfigError(f"configurations {_show(seen[label])} and {_show(override)} are the same run ({label})")
+        seen[label] = override
+        config = _checked(base | override | {"experiment": f"{name}/{label}"}, override)
+        try:
+            device = resolve_device(config.device)
+        except ConfigError as error:
+            where = f"configuration {_show(override)}: " if "device" in override else ""
+            raise ConfigError(f"{where}{error}") from None
+        trials.append(Trial(label, values, config, device))
+    if halving is not None:
+        check_halving(trials, halving)
+    return trials
+
+
+def check_halving(trials: list[Trial], eta: int) -> None:
+    """A ConfigError unless successive halving with `eta` can run these trials."""
+    if eta < 2:
+        raise ConfigError(f"--halving {eta}: keep 1 in ETA configurations per rung, ETA at least 2")
+    if cycling := [trial for trial in trials if trial.config.schedule != "constant"]:
+        raise ConfigError(f"--halving: {cycling[0].name} uses the {cycling[0].config.schedule} schedule, which "
+                          "depends on the epoch count and so cannot continue to a larger budget; use --schedule constant")
+    if len({trial.config.epochs for trial in trials}) > 1:
+        raise ConfigError("--halving sets each rung's epochs: give every configuration the same --epochs")
+    if len(rung_epochs(trials[0].config.epochs, eta)) < 2:
+        raise ConfigError(f"--halving {eta} with --epochs {trials[0].config.epochs}: one rung only; "
+                          f"give --epochs {eta} or more")
+
+
+def rung_epochs(epochs: int, eta: int | None) -> list[int]:
+    """Each rung's epochs, the last the full count: epochs 4, ETA 2 -> [1, 2, 4]; no halving -> [epochs]."""
+    budgets = [epochs]
+    while eta and budgets[0] // eta >= 1:
+        budgets.insert(0, budgets[0] // eta)
+    return budgets
+
+
+def shared_folders(base: dict[str, Any], name: str) -> dict[str, Any]:
+    """`base` checked with the sweep's name, its folders (and a local mirror) made absolute.
+
+    Workers elsewhere, or started in another folder, must find the same runs and data folders.
+    """
+    try:
+        shared = parse_config(base | {"experiment": name})
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("--experiment", "--name", 1)) from None
+    folders = {"runs_dir": os.path.abspath(shared.runs_dir), "data_dir": os.path.abspath(shared.data_dir)}
+    if shared.mirror and not is_url(shared.mirror):
+        folders["mirror"] = os.path.abspath(shared.mirror)
+    return base | folders
+
+
+def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the last parameter varying fastest."""
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("the grid must be a non-empty object of parameter -> list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid {key}: give a non-empty list of values (got {values!r})")
+    return [dict(zip(grid, combination)) for combination in itertools.product(*grid.values())]
+
+
+def _checked(values: dict[str, Any], override: dict[str, Any]) -> RunConfig:
+    try:
+        return parse_config(values)
+    except ConfigError as error:
+        raise ConfigError(f"configuration {_show(override)}: {error}") from None
+
+
+def _show(override: dict[str, Any]) -> str:
+    return json.dumps(override, default=str)
+
+
+def _slug(value: Any) -> str:
+    """A value as a safe path component: `0.01`, `adam`, `cuda_1`."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value))
