@@ -10,11 +10,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
 from prefect.tasks import exponential_backoff
 
 from fashion_pipeline.tasks.config import is_url
-from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError
 from fashion_pipeline.tasks.ml.dataset import decode
+from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError
 from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, md5_file
 from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 

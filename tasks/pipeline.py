@@ -24,6 +24,7 @@ from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.report import report_task
 from fashion_pipeline.tasks.train import train
 
+
 class StageRunner:
     """Runs stage tasks one after another, applying --refresh and keeping each one's final state."""
 

@@ -15,9 +15,11 @@ from prefect.context import TaskRunContext
 
 from fashion_pipeline.tasks.config import RunConfig
 from fashion_pipeline.tasks.ml.dataset import CLASSES
-from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
-from fashion_pipeline.tasks.plumbing.files import atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.plumbing.files import (
+    atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest,
+)
+from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
 
 HPARAM_FIELDS = tuple(field.name for field in fields(Hyperparameters))  # what decides the weights
 HPARAM_METRICS = ("test_accuracy", "mean_ap", "validation_accuracy", "validation_loss")  # those a run has

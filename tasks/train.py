@@ -76,7 +76,9 @@ def train(
     Returns:
         The final checkpoint, with the training's last loss, validation and timing.
     """
-    from fashion_pipeline.tasks.ml.training_loop import run_training  # torch: imported only when there is training to do
+    from fashion_pipeline.tasks.ml.training_loop import (
+        run_training,  # torch: imported only when there is training to do
+    )
 
     out = training_dir(dataset, run_dir, hyperparameters, device)
     key = training_key(dataset, hyperparameters, device)

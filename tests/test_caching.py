@@ -12,7 +12,7 @@ import pytest
 
 from fashion_pipeline.tasks.plumbing.failures import RunFailed
 from fashion_pipeline.tasks.plumbing.lock import ExperimentBusyError
-from tests.conftest import TINY, final_weights, run_tiny_flow, same_weights
+from tests.helpers import TINY, final_weights, run_tiny_flow, same_weights
 
 UPSTREAM = ("download", "inspect", "graph")
 DOWNSTREAM_OF_TRAINING = ("train", "checkpoint", "evaluate")

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fashion_pipeline.tasks.ml.checkpoints import CHECKPOINT_KEYS, FORMAT, MODEL_KEYS, CheckpointFormatError, CheckpointStore, load_checkpoint
+from fashion_pipeline.tasks.ml.checkpoints import (
+    CHECKPOINT_KEYS, FORMAT, MODEL_KEYS, CheckpointFormatError, CheckpointStore, load_checkpoint,
+)
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.ml.training_loop import TrainingLoop
-from tests.conftest import TINY, same_weights
+from tests.helpers import TINY, same_weights
 from tests.synthetic import TRAIN_SIZE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-format-1.pt"

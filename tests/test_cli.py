@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FLOW_SCRIPT, stop_local_server, tiny_args, wait_while_running
+from tests.helpers import FLOW_SCRIPT, stop_local_server, tiny_args, wait_while_running
 
 SERVER_MARK = "fashion_pipeline.tasks.plumbing.local_server"
 

@@ -15,8 +15,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -33,8 +33,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from fashion_pipeline.flows.deployment import DEPLOYMENT, deployment_schedule, deployment_spec
 from fashion_pipeline.tasks.config import STAGES
 from fashion_pipeline.tasks.plumbing.polling import wait_for
-from fashion_pipeline.tasks.plumbing.local_server import free_port
-from tests.conftest import FLOW_SCRIPT, REPO, TINY, expected_loss_steps
+from tests.helpers import FLOW_SCRIPT, REPO, TINY, expected_loss_steps, free_port
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
 FLOW_NAME = "fashion-mnist"

@@ -11,7 +11,7 @@ from torchvision.datasets import FashionMNIST
 
 from fashion_pipeline.tasks.download import DatasetChecksumError, download
 from fashion_pipeline.tasks.ml.dataset import load_split
-from tests.conftest import TINY
+from tests.helpers import TINY
 from tests.mirror import serve_mirror
 
 LABELS = "train-labels-idx1-ubyte.gz"

@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 
 from fashion_pipeline.flows.sweep import main as sweep_main
-from fashion_pipeline.tasks.sweep.plan import plan
-from fashion_pipeline.tasks.ml.checkpoints import load_checkpoint
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.download import DatasetChecksumError, DatasetDownloadError, download
+from fashion_pipeline.tasks.ml.checkpoints import load_checkpoint
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.plumbing.failures import RunFailed, TransientError, exit_status, is_permanent, one_line
 from fashion_pipeline.tasks.plumbing.faults import InjectedFault
 from fashion_pipeline.tasks.plumbing.lock import ExperimentBusyError
-from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.sweep.plan import plan
 from fashion_pipeline.tasks.train import training_dir
-from tests.conftest import FLOW_SCRIPT, TINY, VALIDATION, final_weights, same_weights, stop_local_server, tiny_args
+from tests.helpers import FLOW_SCRIPT, TINY, VALIDATION, final_weights, same_weights, stop_local_server, tiny_args
 from tests.mirror import serve_mirror
 
 ROOT = os.geteuid() == 0

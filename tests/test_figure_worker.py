@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from fashion_pipeline.tasks.ml.dataset import CLASSES
-from fashion_pipeline.tasks.plumbing.figure_worker import MAX_PENDING, FigureWorker
 from fashion_pipeline.tasks.ml.figures import PredictionsFigure
+from fashion_pipeline.tasks.plumbing.figure_worker import MAX_PENDING, FigureWorker
 from tests.tensorboard_reader import load_runs
 
 TAG = "predictions vs. actuals"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fashion_pipeline.tasks.ml.dataset import CLASSES
-from tests.conftest import TINY, VALIDATION, expected_loss_steps, run_tiny_flow, total_steps
+from tests.helpers import TINY, VALIDATION, expected_loss_steps, run_tiny_flow, total_steps
 from tests.synthetic import TRAIN_SIZE
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 

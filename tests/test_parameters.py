@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fashion_pipeline.flows.command_line import build_parser
-from fashion_pipeline.flows.command_line import main
+from fashion_pipeline.flows.command_line import build_parser, main
 from fashion_pipeline.tasks.config import STAGES, RunConfig
-from tests.conftest import run_flow_script
+from tests.helpers import run_flow_script
 
 BAD = {
     "zero epochs": (["--epochs", "0"], "--epochs"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore
-from tests.conftest import (
+from tests.helpers import (
     FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
     wait_while_running,
 )

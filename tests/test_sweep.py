@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from fashion_pipeline.flows.sweep import main
-from fashion_pipeline.tasks.sweep.plan import plan
 from fashion_pipeline.tasks.download import download
-from fashion_pipeline.tasks.plumbing.local_server import free_port
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.sweep.plan import plan
 from fashion_pipeline.tasks.train import train, training_dir
-from tests.conftest import REPO, TINY, VALIDATION, final_weights, run_tiny_flow, same_weights, tiny_args
+from tests.helpers import REPO, TINY, VALIDATION, final_weights, free_port, run_tiny_flow, same_weights, tiny_args
 from tests.tensorboard_reader import load_runs
 
 

@@ -10,14 +10,14 @@ from urllib.parse import quote
 
 import pytest
 
-from bench.screenshots import (
-    CHROMIUM, DRAWN_LINE, LOSS_TAG, RUN_TABS, active_tabs, chromium_page, fetch_bytes, fetch_json, show_dashboard,
-    tags, tensorboard,
-)
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.plumbing.polling import wait_for
 from fashion_pipeline.tasks.report import HPARAM_FIELDS
-from tests.conftest import TINY, expected_loss_steps
+from tests.helpers import TINY, expected_loss_steps
+from tests.tensorboard_browser import (
+    CHROMIUM, DRAWN_LINE, LOSS_TAG, RUN_TABS, active_tabs, chromium_page, fetch_bytes, fetch_json, show_dashboard, tags,
+    tensorboard,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

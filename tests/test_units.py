@@ -11,9 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_score, recall_score
 
-from fashion_pipeline.tasks.stage import source_digest
 from fashion_pipeline.tasks.ml.evaluation import average_precision, score
 from fashion_pipeline.tasks.plumbing.files import read_manifest, write_manifest
+from fashion_pipeline.tasks.stage import source_digest
+from tests.helpers import REPO
 
 
 def scores_with_ties(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +82,8 @@ def test_manifest_verifies_its_files_and_facts(tmp_path: Path) -> None:
 
 
 def test_sweep_plan_names_configurations_by_what_varies(tmp_path: Path) -> None:
-    from fashion_pipeline.tasks.sweep.plan import plan
     from fashion_pipeline.tasks.config import ConfigError
+    from fashion_pipeline.tasks.sweep.plan import plan
 
     base = {"runs_dir": str(tmp_path / "runs"), "data_dir": str(tmp_path / "data"), "device": "cpu"}
     trials = plan("grid", base, grid={"lr": [0.01, 0.1], "batch_size": [4, 8]})
@@ -153,17 +154,17 @@ def test_sweep_selects_on_validation_not_test() -> None:
 
 
 def test_sweep_without_validation_is_refused(tmp_path: Path) -> None:
-    from fashion_pipeline.tasks.sweep.plan import plan
     from fashion_pipeline.tasks.config import ConfigError
+    from fashion_pipeline.tasks.sweep.plan import plan
 
     with pytest.raises(ConfigError, match="--validation-size 0: a sweep picks its best configuration on held-out"):
         plan("s", {"runs_dir": str(tmp_path), "validation_size": 0}, grid={"lr": [0.01, 0.1]})
 
 
 def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
+    from fashion_pipeline.tasks.config import ConfigError
     from fashion_pipeline.tasks.sweep.plan import plan, rung_epochs
     from fashion_pipeline.tasks.sweep.results import promote
-    from fashion_pipeline.tasks.config import ConfigError
 
     assert rung_epochs(4, 2) == [1, 2, 4] and rung_epochs(15, 3) == [1, 5, 15] and rung_epochs(3, None) == [3]
     entries = [{"name": name, "state": "Completed", "validation_accuracy": accuracy}
@@ -198,3 +199,16 @@ def test_training_on_an_accelerator_is_tagged_with_its_device_type() -> None:
     from fashion_pipeline.tasks.pipeline import accelerator_tag
 
     assert accelerator_tag("cuda:1") == ("cuda",) and accelerator_tag("mps") == ("mps",) and accelerator_tag("cpu") == ()
+
+
+def test_ml_code_imports_without_prefect() -> None:
+    # tasks/ml is plain PyTorch and matplotlib: a notebook or another orchestrator can use it as it is.
+    import subprocess
+    import sys
+
+    modules = sorted(f"fashion_pipeline.tasks.ml.{path.stem}" for path in (REPO / "tasks" / "ml").glob("[!_]*.py"))
+    code = ("import sys; sys.modules['prefect'] = None  # any import of Prefect now fails\n"
+            f"import importlib; [importlib.import_module(name) for name in {modules!r}]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(modules) >= 9

@@ -12,11 +12,13 @@ import torch
 from fashion_pipeline.tasks.ml import batches, model
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.ml.devices import cpu_threads
-from fashion_pipeline.tasks.plumbing.tensorboard_files import read_scalars, replacing_writer
-from fashion_pipeline.tasks.ml.figures import confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure
+from fashion_pipeline.tasks.ml.figures import (
+    confusion_figure, per_class_accuracy_figure, pixels, png_bytes, summary_figure,
+)
+from fashion_pipeline.tasks.ml.training_loop import LOSS_TAG, VALIDATION_ACCURACY_TAG, VALIDATION_LOSS_TAG
 from fashion_pipeline.tasks.plumbing.files import atomic_write
 from fashion_pipeline.tasks.plumbing.progress import StepProgress
-from fashion_pipeline.tasks.ml.training_loop import LOSS_TAG, VALIDATION_ACCURACY_TAG, VALIDATION_LOSS_TAG
+from fashion_pipeline.tasks.plumbing.tensorboard_files import read_scalars, replacing_writer
 
 EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
 CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"

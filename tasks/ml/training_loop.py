@@ -19,13 +19,13 @@ from fashion_pipeline.tasks.ml import batches, checkpoints, model, rng
 from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore, load_checkpoint
 from fashion_pipeline.tasks.ml.dataset import CLASSES, load_split
 from fashion_pipeline.tasks.ml.devices import cpu_threads
-from fashion_pipeline.tasks.plumbing.faults import fault_point
+from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.plumbing.failures import one_line
+from fashion_pipeline.tasks.plumbing.faults import fault_point
 from fashion_pipeline.tasks.plumbing.figure_worker import FigureWorker
 from fashion_pipeline.tasks.plumbing.files import Written, atomic_write_json, naming
 from fashion_pipeline.tasks.plumbing.log import stage_logger
 from fashion_pipeline.tasks.plumbing.progress import StepProgress
-from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 
 LOSS_TAG, PREDICTIONS_TAG = "training loss", "predictions vs. actuals"
 VALIDATION_LOSS_TAG, VALIDATION_ACCURACY_TAG = "validation loss", "validation accuracy"

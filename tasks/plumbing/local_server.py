@@ -436,13 +436,6 @@ def stop(home: Path, timeout: float = 30.0) -> str:
     return f"stopped the local Prefect server at {server.ui_url}"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main(argv: list[str]) -> int:
     """`status`, `start` or `stop` the local Prefect server of this Prefect home."""
     command = argv[0] if argv else "status"

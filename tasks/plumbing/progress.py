@@ -5,11 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
 from tqdm import tqdm
 
-from fashion_pipeline.tasks.plumbing.log import stage_logger
+from fashion_pipeline.tasks.plumbing.log import prefect_run_context, stage_logger
 
 
 class StepProgress:
@@ -22,7 +20,9 @@ class StepProgress:
         self.bar = tqdm(total=total, initial=done, desc=description, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.facts: dict[str, float] = {}
         self.artifact_id = None
-        if TaskRunContext.get() is not None:
+        if prefect_run_context() is not None:  # in a Prefect run, the UI shows the progress too
+            from prefect.artifacts import create_progress_artifact
+
             self.artifact_id = create_progress_artifact(progress=self.percent(), description=description)
 
     def percent(self) -> float:
@@ -49,6 +49,8 @@ class StepProgress:
         else:
             stage_logger().info("%s: %d/%d steps (%.0f%%) %s", self.description, self.done, self.total, self.percent(), shown)
         if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
             update_progress_artifact(self.artifact_id, progress=self.percent())
 
     def close(self) -> None:
