@@ -89,6 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
     status = run(command)
     # Everything is written and closed. Frozen, the objects torch and Prefect made are left to the
-    # operating system instead of a last garbage collection over all of them: a second less at exit.
+    # operating system instead of a last garbage collection over all of them, which would walk them all.
     gc.freeze()
     return status

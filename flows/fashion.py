@@ -79,8 +79,8 @@ def import_ahead(config: RunConfig) -> None:
     import prefect.task_engine  # noqa: F401
 
     if not (config.run_dir / "metrics.json").is_file():  # a new or unfinished experiment: its stages will run
-        import torch._dynamo  # noqa: F401  (torch's optimizers import it when first built: most of a second)
-        import torchvision.datasets  # noqa: F401  (download and inspection use torchvision: a second)
+        import torch._dynamo  # noqa: F401  (torch's optimizers import it when first built)
+        import torchvision.datasets  # noqa: F401  (download and inspection use torchvision)
 
 
 def run(command: Command) -> int:

@@ -44,6 +44,7 @@ from fashion_pipeline.tasks.plumbing.failures import RunFailed, exit_status, one
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.local_server import local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+from fashion_pipeline.tasks.plumbing.transactions import own_transactions
 from fashion_pipeline.tasks.sweep.plan import Trial, plan, rung_epochs
 from fashion_pipeline.tasks.sweep.results import METRIC, REPORTED, describe, promote, publish_table, summarise
 
@@ -68,7 +69,8 @@ def configuration(trial: Trial, mirror: str | None) -> dict[str, Any]:
     """One configuration's pipeline, its stages nested in this task run; its report, with every stage's state."""
     run = StageRunner(trial.config.refresh)
     try:
-        result = run_pipeline(trial.config, trial.device, mirror, run)
+        with own_transactions():  # each stage commits as it ends, as in a single run
+            result = run_pipeline(trial.config, trial.device, mirror, run)
     except Exception as error:
         raise ConfigurationFailed(f"{run.failed or 'configuration'}: {one_line(error)}", run.states) from error
     return result | {"stages": run.states}

@@ -20,7 +20,7 @@ from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, md5
 from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
 # torchvision's FashionMNIST.resources (a test checks that they agree), written out so that a cached
-# rerun, which only checks these, never pays for importing torchvision (seconds).
+# rerun, which only checks these, never pays for importing torchvision.
 OFFICIAL_FILES: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",

@@ -34,3 +34,33 @@ def test_lock_is_exclusive_and_dies_with_a_killed_holder() -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_nested_stage_commits_and_unlocks_though_its_outer_task_fails(prefect_api_url: str, tmp_path) -> None:
+    # A sweep's configuration task runs the stages nested in it (tasks/plumbing/transactions.py).
+    from prefect import flow, task
+    from prefect.cache_policies import INPUTS
+
+    from fashion_pipeline.tasks.plumbing.transactions import own_transactions
+
+    calls: list[int] = []
+    policy = INPUTS.configure(isolation_level="SERIALIZABLE", lock_manager=FlockLockManager())
+
+    @task(cache_policy=policy, persist_result=True, result_storage_key="nested-{parameters[value]}")
+    def stage(value: int) -> int:
+        calls.append(value)
+        return value
+
+    @task
+    def configuration(value: int) -> None:
+        with own_transactions():
+            stage(value)
+        raise RuntimeError("a later stage failed")
+
+    @flow
+    def sweep() -> tuple[str, str]:
+        configuration(7, return_state=True)  # fails, after its stage
+        configuration(7, return_state=True)  # would wait forever on a lock left held
+        return stage(7, return_state=True).name, stage(8, return_state=True).name
+
+    assert sweep() == ("Cached", "Completed") and calls == [7, 8]

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 
 # torchvision's FashionMNIST.classes (a test checks that they agree), written out so that a cached
-# rerun, which only names them, never pays for importing torchvision (seconds).
+# rerun, which only names them, never pays for importing torchvision.
 CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )

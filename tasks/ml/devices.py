@@ -32,7 +32,7 @@ def resolve_device(requested: str) -> str:
     """Turn `auto` into the best device here, and refuse a device this machine lacks.
 
     A machine whose CUDA driver shows no device and that is not a Mac answers without importing torch
-    (a second or more), so that a cached rerun on the CPU never imports it.
+    (slow), so that a cached rerun on the CPU never imports it.
     """
     kind = device_type(requested)
     if kind == "cpu" or (kind in ("auto", "cuda") and not _cuda_driver_devices() and sys.platform != "darwin"):

@@ -1,6 +1,6 @@
 """The training's "predictions vs. actuals" figures, drawn in a child process so that training never waits for them.
 
-Matplotlib holds the GIL while it draws, about 30 ms a figure with its PNG, so a thread would still
+Matplotlib holds the GIL while it draws a figure and its PNG, so a thread would still
 stall the training loop; a child process draws on another core. The loop hands over the few numbers
 a figure needs and goes on; each PNG goes into the training's event file at the next log point, and
 all of them before each checkpoint.

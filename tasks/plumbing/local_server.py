@@ -144,7 +144,7 @@ def local_server_settings() -> Iterator[LocalServer | None]:
     """Within this block, Prefect uses the server from `start()`, once it answers; yields it (None if none).
 
     Flow-run heartbeats are off there: they feed crashed-run detection, which the local server does
-    not run, and stopping their thread costs up to a second at the end of every run.
+    not run, and stopping their thread delays the end of every run.
     """
     global _server
     if _error is not None:
