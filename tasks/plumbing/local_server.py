@@ -282,7 +282,9 @@ def _spawn(home: Path) -> subprocess.Popen:
     chosen = get_current_settings().to_environment_variables(exclude_unset=True)  # the user's, from env or profile
     defaults = {name: value for name, value in SERVICE_DEFAULTS.items() if name not in chosen and name not in os.environ}
     with open(home / LOG, "ab") as log:
-        return subprocess.Popen(module_command(__name__, "serve", str(home)), env={**os.environ, **defaults, **chosen},
+        # __spec__.name, not __name__: this module may be __main__ (python -m ... start)
+        return subprocess.Popen(module_command(__spec__.name, "serve", str(home)),
+                                env={**os.environ, **defaults, **chosen},
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=home)
 
