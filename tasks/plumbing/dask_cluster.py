@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -12,6 +13,8 @@ from prefect import get_client
 from prefect_dask import DaskTaskRunner
 
 from fashion_pipeline.tasks.config import ConfigError
+
+DASK_LOG_LEVEL = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"  # Dask's setting: the level of its `distributed` loggers
 
 
 def local_runner(workers: int | None = None, report: str | None = None) -> DaskTaskRunner:
@@ -35,12 +38,19 @@ def local_runner(workers: int | None = None, report: str | None = None) -> DaskT
 
 
 def local_cluster(**options: Any) -> LocalCluster:
-    """A LocalCluster whose workers report to this process's Prefect API.
+    """A LocalCluster whose workers report to this process's Prefect API, and whose own chatter stays quiet.
 
     Without PREFECT_API_URL, that is the local server of this Prefect home (tasks/plumbing/local_server.py);
-    told its address, the workers use it instead of each starting a server of its own.
+    told its address, the workers use it instead of each starting a server of its own. Dask's
+    scheduler, nannies and workers log only warnings and errors, not the start-up banners of every
+    worker (and the traceback of a connection closed while the cluster shuts down), unless
+    DASK_DISTRIBUTED__LOGGING__DISTRIBUTED asks for more.
     """
     api_url = get_client(sync_client=True).api_url
+    # The workers read it as they start (they inherit this environment); the scheduler and the
+    # nannies, in this process, have read Dask's settings already.
+    level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
+    logging.getLogger("distributed").setLevel(level.upper())
     return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
 
 
