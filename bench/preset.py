@@ -30,6 +30,10 @@ CANDIDATES = {  # tried in this order; the README gives their figures
     "lr 0.006": PREVIOUS | {"lr": 0.006},
     "batch 128, lr 0.006, 20 epochs": PREVIOUS | {"batch_size": 128, "lr": 0.006, "epochs": 20},
     "batch 256, lr 0.01, 28 epochs": PREVIOUS | {"batch_size": 256, "lr": 0.01, "epochs": 28},
+    "batch 32, lr 0.002, 10 epochs": PREVIOUS | {"batch_size": 32, "lr": 0.002, "epochs": 10},
+    "batch 32, lr 0.002, 10 epochs + label smoothing": PREVIOUS | {"batch_size": 32, "lr": 0.002, "epochs": 10,
+                                                                  "label_smoothing": 0.1},
+    "lr 0.006, 18 epochs + label smoothing": PREVIOUS | {"lr": 0.006, "epochs": 18, "label_smoothing": 0.1},
 }
 
 

@@ -1,1 +1,1 @@
-"""Prefect flows of the Fashion-MNIST pipeline."""
+"""The entry points: the flow, its command line, the sweep, the deployment and its notices."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,8 +24,15 @@ pytestmark = pytest.mark.slow  # builds a wheel and runs the flow on a Prefect s
 
 def test_a_wheel_installs_fashion_pipeline_and_runs_the_flow(prefect_api_url: str, synthetic_mirror: Path,
                                                             tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: building writes build/ beside the sources, which stay as they are
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = (tmp_path / "dist").glob("fashion_pipeline-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

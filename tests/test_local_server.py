@@ -1,4 +1,4 @@
-"""The local Prefect server (tasks/local_server.py) as users meet it: Prefect's defaults, a new Prefect home.
+"""The local Prefect server (tasks/plumbing/local_server.py) as users meet it: Prefect's defaults, a new Prefect home.
 
 Each test gets a Prefect home of its own, without PREFECT_API_URL and without the tests' analytics
 opt-out, so the runs start (or share) the home's local server as on a new machine; the server is
@@ -73,7 +73,7 @@ def stages(run_dir: Path) -> dict[str, str]:
 
 
 def test_prefect_internals_are_those_the_server_uses() -> None:
-    # Fails when a Prefect upgrade changes what tasks/local_server.py relies on; the runs then fall back.
+    # Fails when a Prefect upgrade changes what tasks/plumbing/local_server.py relies on; the runs then fall back.
     assert local_server.incompatibility() is None
     pyproject = (REPO / "pyproject.toml").read_text()
     assert f'"prefect>={local_server.TESTED_PREFECT}' in pyproject and "<3.10" in pyproject

@@ -108,7 +108,7 @@ def test_flow_signature_is_run_config() -> None:
 
 
 def test_stage_names_are_the_pipelines(tmp_path: Path) -> None:
-    # --refresh validates against tasks.config.STAGES, which must be the stages the pipeline runs, in order.
+    # --refresh validates against tasks/config.py STAGES, which must be the stages the pipeline runs, in order.
     from fashion_pipeline.tasks.config import STAGES, parse_config
     from fashion_pipeline.tasks.pipeline import run_pipeline
 
@@ -212,3 +212,31 @@ def test_ml_code_imports_without_prefect() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(modules) >= 9
+
+
+def test_stage_decorator_owns_the_manifest_protocol(tmp_path: Path) -> None:
+    # The work runs only when its manifest does not vouch for these inputs; no Prefect run is needed.
+    from fashion_pipeline.tasks.stage import Written, stage
+
+    calls: list[int] = []
+
+    def output(folder: str, value: int, **_: object) -> tuple[Path, dict]:
+        return Path(folder) / "out.json", {"value": value}
+
+    @stage("example", output=output)
+    def example(folder: str, value: int) -> Written:
+        calls.append(value)
+        path = Path(folder) / "result.txt"
+        path.write_text(str(value))
+        return Written([path], {"length": 1})
+
+    manifest = example(str(tmp_path), 1)
+    assert read_manifest(manifest, value=1, code=example.code, length=1) is not None
+    assert example(str(tmp_path), value=1) == manifest and calls == [1]  # vouched for: no work
+    example(str(tmp_path), 2)  # other inputs than the manifest records
+    (tmp_path / "result.txt").write_text("altered")
+    example(str(tmp_path), 2)  # a file altered since
+    example(str(tmp_path), 2, refresh=True)
+    assert calls == [1, 2, 2, 2]
+    assert example.task.name == "example" and list(inspect.signature(example.task.fn).parameters) == [
+        "folder", "value", "refresh"]
