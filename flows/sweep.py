@@ -14,13 +14,11 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # the same as the `fashion-sweep` command
-    from fashion_pipeline.flows.sweep import main
+    from fashion_pipeline.flows.sweep_command_line import main
 
     sys.exit(main())
 
-import argparse
 import contextlib
-import json
 import os
 from contextlib import ExitStack
 from dataclasses import replace
@@ -32,20 +30,17 @@ from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from fashion_pipeline.flows.command_line import PRESETS, TAG
-from fashion_pipeline.flows.command_line import build_parser as run_options
-from fashion_pipeline.tasks.config import ConfigError
+from fashion_pipeline.flows.command_line import TAG
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
-from fashion_pipeline.tasks.plumbing import local_server
-from fashion_pipeline.tasks.plumbing.dask_cluster import check_scheduler, local_runner, task_runner
+from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
 from fashion_pipeline.tasks.plumbing.failures import RunFailed, exit_status, one_line, quiet_known_failures
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.local_server import local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
 from fashion_pipeline.tasks.plumbing.transactions import own_transactions
-from fashion_pipeline.tasks.sweep.plan import Trial, plan, rung_epochs
+from fashion_pipeline.tasks.sweep.plan import Trial, rung_epochs
 from fashion_pipeline.tasks.sweep.results import METRIC, REPORTED, describe, promote, publish_table, summarise
 
 
@@ -152,79 +147,15 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
                     "error": reason if isinstance(error, ConfigurationFailed) else f"configuration: {reason}"}
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1 (got {text!r})")
-    return int(text)
-
-
-def json_value(kind: type) -> Any:
-    """An argparse type: JSON text holding a `kind` (dict or list)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
-        if not isinstance(value, kind):
-            raise argparse.ArgumentTypeError(f"expected a JSON {'object' if kind is dict else 'array'}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The sweep's own options; the rest are flows/fashion.py's, as base values."""
-    parser = argparse.ArgumentParser(
-        prog="sweep.py", description=__doc__.splitlines()[0], allow_abbrev=False,
-        epilog="Every option of `python flows/fashion.py --help` except --experiment and --serve (--preset included) "
-               "sets a base value that the configurations start from.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--grid", type=json_value(dict), metavar="JSON",
-                        help='Parameter -> list of values; every combination runs, e.g. \'{"lr": [0.001, 0.01]}\'.')
-    source.add_argument("--configurations", type=json_value(list), metavar="JSON",
-                        help='A list of parameter overrides, one run each, e.g. \'[{"lr": 0.01}, {"optimizer": "adam"}]\'.')
-    parser.add_argument("--name", default="sweep",
-                        help="The sweep's folder under --runs-dir; each run is the experiment <name>/<varied values>. "
-                             "(default: sweep)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                       help="Run on this existing Dask scheduler instead of a temporary local cluster.")
-    where.add_argument("--workers", type=positive, metavar="N",
-                       help="Worker processes of the local cluster (default: one per CPU core, at most one per run).")
-    parser.add_argument("--halving", type=positive, metavar="ETA",
-                        help="Successive halving: every configuration trains for the first rung's epochs, the best "
-                             "1/ETA by validation accuracy continue to the next, up to --epochs.")
-    parser.add_argument("--dask-report", metavar="FILE",
-                        help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The `fashion-sweep` command (and `python flows/sweep.py`); the exit status."""
-    args, rest = build_parser().parse_known_args(argv)
-    base_parser = run_options()
-    base_parser.prog = "sweep.py"
-    base = vars(base_parser.parse_args(rest))
-    preset, serve = base.pop("preset"), base.pop("serve")
-    try:
-        if serve:
-            raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
-        trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving)
-        if args.dask_address:
-            check_scheduler(args.dask_address)
-    except ConfigError as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
-        return 2
-    runner = task_runner(args.dask_address, args.workers or min(len(trials), os.cpu_count() or 1), args.dask_report)
-    local_server.start()
+def run(trials: list[Trial], name: str, halving: int | None, dask_address: str | None, workers: int | None,
+        dask_report: str | None) -> int:
+    """Run the sweep of the checked `trials` (flows/sweep_command_line.py) and print its outcome; the exit status."""
+    runner = task_runner(dask_address, workers or min(len(trials), os.cpu_count() or 1), dask_report)
     quiet_known_failures()
     try:
         with local_server_settings():
             with tags(TAG):
-                state = sweep.with_options(task_runner=runner)(name=args.name, trials=trials, halving=args.halving,
+                state = sweep.with_options(task_runner=runner)(name=name, trials=trials, halving=halving,
                                                                return_state=True)
             wait_until_recorded(state.state_details.flow_run_id)
         summary = state.result()
@@ -234,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)
         print(f"sweep.py: error: {one_line(error)}", file=sys.stderr)
         return exit_status(error)
-    best = summary["best"]
+    best, sweep_dir = summary["best"], Path(summary["runs_dir"]) / name
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
           f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
-    print(f"Comparison: {Path(summary['runs_dir']) / args.name / 'sweep.json'}")
-    print(f"Open TensorBoard: tensorboard --logdir {Path(summary['runs_dir']) / args.name}")
+    print(f"Comparison: {sweep_dir / 'sweep.json'}")
+    print(f"Open TensorBoard: tensorboard --logdir {sweep_dir}")
     return 0
-

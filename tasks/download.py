@@ -1,4 +1,5 @@
-"""The download stage: Fashion-MNIST through torchvision's own download code, md5-verified, decoded once into a uint8 tensor cache.
+"""The download stage: Fashion-MNIST through torchvision's own download code, md5-verified, and decoded
+once into a uint8 tensor cache.
 
 torch and torchvision are imported only when there is work to do: a cached rerun reads only the manifest.
 """

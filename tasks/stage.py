@@ -1,4 +1,5 @@
-"""The stage mechanism, written once: a stage's manifest protocol, its code digest, its Prefect cache policy and refresh.
+"""The stage mechanism, written once: a stage's manifest protocol, its code digest, its Prefect cache
+policy and refresh.
 
 A stage module holds its work and nothing else:
 
@@ -72,7 +73,7 @@ def input_digest(inputs: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
 
 
 class Stage:
-    """One stage of the pipeline: its work behind its manifest, callable as a plain function; `.task` is its Prefect task.
+    """One stage of the pipeline: its work behind its manifest, callable as a plain function; `.task` runs it in Prefect.
 
     The manifest records, besides the work's own facts, those of `output` for the inputs and the
     digest of the stage's code: a manifest that records other inputs or code, or whose files are

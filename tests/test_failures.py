@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fashion_pipeline.flows.sweep import main as sweep_main
+from fashion_pipeline.flows.sweep_command_line import main as sweep_main
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.download import DatasetChecksumError, DatasetDownloadError, download
 from fashion_pipeline.tasks.ml.checkpoints import load_checkpoint
@@ -237,8 +237,8 @@ def test_sweep_reports_a_permanent_failure_in_its_line(prefect_api_url: str, syn
     assert [entry["state"] for entry in entries] == ["Completed", "Failed"]
     assert entries[1]["error"].startswith(f"train: Read-only file system: {blocked}/")
     assert entries[1]["error"].endswith(": the file system is read-only: choose a writable folder")
-    [train_run] = [run for run in read_task_runs(prefect_api_url) if run["name"].startswith("train")
-                   and run["state_name"] == "Failed"]
+    [train_run] = [run for run in read_task_runs(prefect_api_url) if run["name"] == f"train {failing.name}"
+                   and run["state_name"] == "Failed"]  # this sweep's, whichever tests ran before on the server
     assert train_run["run_count"] == 1, "a permanent failure was retried"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fashion_pipeline.flows.sweep import main
+from fashion_pipeline.flows.sweep_command_line import main
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.sweep.plan import plan

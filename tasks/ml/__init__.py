@@ -1,1 +1,2 @@
-"""Plain PyTorch and matplotlib: the dataset, the Net, batching, the training loop, checkpoints, metrics and figures. Importable without Prefect."""
+"""Plain PyTorch and matplotlib: the dataset, the Net, batching, the training loop, checkpoints, metrics and
+figures. Importable without Prefect."""

@@ -118,7 +118,7 @@ def load_model_file(model_manifest: Path) -> dict[str, Any]:
 
 
 def save_file(value: dict[str, Any], path: Path) -> Path:
-    """Save a checkpoint or model file atomically: a reader, or a run killed half-way, sees the old file or the new one."""
+    """Save a checkpoint or model file atomically: a reader, or a run killed half-way, sees the old or the new one."""
     return atomic_write(path, lambda stream: _save(value, stream))
 
 

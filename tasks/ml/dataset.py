@@ -20,7 +20,7 @@ CLASSES: tuple[str, ...] = (
 
 
 def decode(root: Path) -> dict[str, torch.Tensor]:
-    """Decode the IDX files under `root/FashionMNIST/raw` with torchvision's reader: uint8 images (N, 28, 28), int64 labels."""
+    """The IDX files under `root/FashionMNIST/raw`, read by torchvision: uint8 images (N, 28, 28), int64 labels."""
     from torchvision.datasets import FashionMNIST
 
     train = FashionMNIST(str(root), train=True)

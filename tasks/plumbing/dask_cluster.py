@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 from distributed import LocalCluster
-from distributed.comm.addressing import parse_address, parse_host_port
 from prefect import get_client
 from prefect_dask import DaskTaskRunner
-
-from fashion_pipeline.tasks.config import ConfigError
 
 DASK_LOG_LEVEL = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"  # Dask's setting: the level of its `distributed` loggers
 
@@ -52,21 +48,6 @@ def local_cluster(**options: Any) -> LocalCluster:
     level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
     logging.getLogger("distributed").setLevel(level.upper())
     return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
-
-
-def check_scheduler(address: str, timeout: float = 5) -> None:
-    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
-
-    Dask itself would try for 30 s from inside the flow run and end in a traceback.
-    """
-    try:
-        host, port = parse_host_port(parse_address(address)[1])
-    except ValueError as error:
-        raise ConfigError(f"--dask-address {address}: {error}") from None
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
 
 
 def task_runner(dask_address: str | None, workers: int | None, report: str | None = None) -> DaskTaskRunner:

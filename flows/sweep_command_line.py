@@ -1,0 +1,108 @@
+"""The `fashion-sweep` command (and `python flows/sweep.py`): the sweep's own options, the flow's as base values.
+
+Light to import: every configuration is checked before Prefect and Dask are imported, so a bad one
+fails in a blink; the local Prefect server, where none runs yet, boots while they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from typing import Any
+
+from fashion_pipeline.flows.command_line import PRESETS
+from fashion_pipeline.flows.command_line import build_parser as run_options
+from fashion_pipeline.tasks.config import ConfigError
+from fashion_pipeline.tasks.plumbing import local_server
+from fashion_pipeline.tasks.sweep.plan import plan
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
+def json_value(kind: type) -> Any:
+    """An argparse type: JSON text holding a `kind` (dict or list)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {'object' if kind is dict else 'array'}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's own options; the rest are flows/fashion.py's, as base values."""
+    parser = argparse.ArgumentParser(
+        prog="sweep.py", description=__doc__.splitlines()[0], allow_abbrev=False,
+        epilog="Every option of `python flows/fashion.py --help` except --experiment and --serve (--preset included) "
+               "sets a base value that the configurations start from.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--grid", type=json_value(dict), metavar="JSON",
+                        help='Parameter -> list of values; every combination runs, e.g. \'{"lr": [0.001, 0.01]}\'.')
+    source.add_argument("--configurations", type=json_value(list), metavar="JSON",
+                        help='A list of parameter overrides, one run each, e.g. \'[{"lr": 0.01}, {"optimizer": "adam"}]\'.')
+    parser.add_argument("--name", default="sweep",
+                        help="The sweep's folder under --runs-dir; each run is the experiment <name>/<varied values>. "
+                             "(default: sweep)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                       help="Run on this existing Dask scheduler instead of a temporary local cluster.")
+    where.add_argument("--workers", type=positive, metavar="N",
+                       help="Worker processes of the local cluster (default: one per CPU core, at most one per run).")
+    parser.add_argument("--halving", type=positive, metavar="ETA",
+                        help="Successive halving: every configuration trains for the first rung's epochs, the best "
+                             "1/ETA by validation accuracy continue to the next, up to --epochs.")
+    parser.add_argument("--dask-report", metavar="FILE",
+                        help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
+    return parser
+
+
+def check_scheduler(address: str, timeout: float = 5) -> None:
+    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
+
+    Dask itself would try for 30 s from inside the flow run and end in a traceback.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as error:
+        raise ConfigError(f"--dask-address {address}: {error}") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `fashion-sweep` command (and `python flows/sweep.py`); the exit status."""
+    args, rest = build_parser().parse_known_args(argv)
+    base_parser = run_options()
+    base_parser.prog = "sweep.py"
+    base = vars(base_parser.parse_args(rest))
+    preset, serve = base.pop("preset"), base.pop("serve")
+    try:
+        if serve:
+            raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
+        trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving)
+        if args.dask_address:
+            check_scheduler(args.dask_address)
+    except ConfigError as error:
+        print(f"sweep.py: error: {error}", file=sys.stderr)
+        return 2
+    local_server.start()  # boots while the flow's heavy imports run
+    from fashion_pipeline.flows.sweep import run
+
+    return run(trials, args.name, args.halving, args.dask_address, args.workers, args.dask_report)
