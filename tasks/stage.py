@@ -47,15 +47,18 @@ def source_digest(*modules: str) -> str:
     Editing a comment or a docstring leaves it unchanged, so such edits do not invalidate the cache.
     The modules are read, not imported: a cached rerun never imports torch.
     """
-    digest = hashlib.sha256()
-    for module in modules:
-        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if isinstance(body, list) and body and _is_docstring(body[0]):
-                node.body = body[1:] or [ast.Pass()]
-        digest.update(ast.dump(tree, annotate_fields=False).encode())
-    return digest.hexdigest()
+    return digest_json([_code_digest(Path(importlib.util.find_spec(module).origin).read_text()) for module in modules])
+
+
+@functools.cache
+def _code_digest(source: str) -> str:
+    """The digest of one module's code; each source is parsed once per process, however many stages name it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and _is_docstring(body[0]):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
