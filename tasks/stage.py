@@ -155,9 +155,12 @@ class StageCache(CachePolicy):
         if inputs.get("refresh"):
             return None
         key = f"{self.stage.name}-{digest_json([self.stage.code, input_digest(inputs, self.stage.ignore)])[:32]}"
-        manifest, facts = self.stage.expected(**inputs)
-        if read_manifest(manifest, **facts) is None and task_ctx.result_store.exists(key):
-            return None
+        # Only a cached record can hand on a stale path; without one the task runs, and the stage
+        # itself checks the manifest: it is read once either way.
+        if task_ctx.result_store.exists(key):
+            manifest, facts = self.stage.expected(**inputs)
+            if read_manifest(manifest, **facts) is None:
+                return None
         return key
 
 

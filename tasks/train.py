@@ -30,7 +30,12 @@ def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, 
     rate, a torch upgrade or another machine's core count trains into a new folder and never mixes
     its curve, or its resume, with another training's.
     """
-    return Path(run_dir) / f"train-{digest_json(training_key(dataset, hyperparameters, device))[:10]}"
+    return keyed_folder(run_dir, training_key(dataset, hyperparameters, device))
+
+
+def keyed_folder(run_dir: str, key: dict[str, Any]) -> Path:
+    """The training folder of `key` in the run directory: its name is the key's digest."""
+    return Path(run_dir) / f"train-{digest_json(key)[:10]}"
 
 
 def training_key(dataset: Path, hyperparameters: Hyperparameters, device: str) -> dict[str, Any]:
@@ -80,6 +85,6 @@ def train(
         run_training,  # torch: imported only when there is training to do
     )
 
-    out = training_dir(dataset, run_dir, hyperparameters, device)
     key = training_key(dataset, hyperparameters, device)
-    return run_training(dataset, out, key, hyperparameters, device, log_every, checkpoint_every, refresh)
+    return run_training(dataset, keyed_folder(run_dir, key), key, hyperparameters, device, log_every,
+                        checkpoint_every, refresh)
