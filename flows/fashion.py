@@ -19,9 +19,9 @@ from prefect import flow, tags
 
 from fashion_pipeline.flows.command_line import TAG, Command, fail
 from fashion_pipeline.tasks.config import (
-    Augment, BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment, LabelSmoothing,
-    LearningRate, LogEvery, Mirror, Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed, ValidationSize,
-    documented_parameters, parse_config,
+    Augment, AugmentShift, BatchSize, CheckpointEvery, ConfigError, DataDir, Device, Epochs, Experiment,
+    LabelSmoothing, LearningRate, LogEvery, Mirror, Momentum, Optimizer, Refresh, RunConfig, RunsDir, Schedule, Seed,
+    TestTimeFlip, ValidationSize, WeightDecay, documented_parameters, parse_config,
 )
 from fashion_pipeline.tasks.ml.devices import resolve_device
 from fashion_pipeline.tasks.plumbing.failures import ending_the_run, exit_status, one_line, quiet_known_failures
@@ -49,8 +49,11 @@ def fashion(
     checkpoint_every: CheckpointEvery = DEFAULTS.checkpoint_every,
     seed: Seed = DEFAULTS.seed,
     validation_size: ValidationSize = DEFAULTS.validation_size,
+    weight_decay: WeightDecay = DEFAULTS.weight_decay,
     augment: Augment = DEFAULTS.augment,
+    augment_shift: AugmentShift = DEFAULTS.augment_shift,
     label_smoothing: LabelSmoothing = DEFAULTS.label_smoothing,
+    test_time_flip: TestTimeFlip = DEFAULTS.test_time_flip,
     device: Device = DEFAULTS.device,
     mirror: Mirror = DEFAULTS.mirror,
     refresh: Refresh = DEFAULTS.refresh,

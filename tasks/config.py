@@ -29,8 +29,12 @@ Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the 
 Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
 LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
-Augment = Annotated[bool, Field(description="Shift each training image by up to 2 pixels and flip half of them, "
-                                            "drawn from a seeded generator.")]
+WeightDecay = Annotated[float, Field(ge=0, lt=1, description="Weight decay: L2 for SGD, decoupled (as AdamW's) for Adam.")]
+Augment = Annotated[bool, Field(description="Shift each training image by up to --augment-shift pixels and flip half "
+                                            "of them, drawn from a seeded generator.")]
+AugmentShift = Annotated[int, Field(ge=0, le=8, description="The largest shift of --augment, in pixels (0: flips only).")]
+TestTimeFlip = Annotated[bool, Field(description="Predict, in validation and on the test set, with the mean of the "
+                                                 "class probabilities of each image and of its mirror image.")]
 LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the training loss.")]
 ValidationSize = Annotated[int, Field(ge=0, le=30000, description=(
     "Training images held out, stratified by class and seeded, to validate on at each epoch's end (0: none; "
@@ -70,8 +74,11 @@ class RunConfig(BaseModel):
     checkpoint_every: CheckpointEvery = 2000
     seed: Seed = 0
     validation_size: ValidationSize = 0
+    weight_decay: WeightDecay = 0.0
     augment: Augment = False
+    augment_shift: AugmentShift = 2
     label_smoothing: LabelSmoothing = 0.0
+    test_time_flip: TestTimeFlip = False
     device: Device = "auto"
     mirror: Mirror = None
     refresh: Refresh = Field(default_factory=list)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from tests.helpers import TINY, VALIDATION, expected_loss_steps, run_tiny_flow, total_steps
 from tests.synthetic import TRAIN_SIZE
@@ -83,3 +85,41 @@ def test_validation_at_each_epochs_end(prefect_api_url: str, synthetic_mirror: P
     metrics = json.loads((tmp_path / "runs" / "validated" / "metrics.json").read_text())
     assert metrics["validation_accuracy"] == result["validation_accuracy"]
     assert (Path(result["train_dir"]) / "summary.png").stat().st_size > 10_000
+
+
+def test_test_time_flip_in_validation_and_evaluation(prefect_api_url: str, synthetic_mirror: Path,
+                                                     tmp_path: Path) -> None:
+    import torch
+
+    from fashion_pipeline.tasks.ml import batches
+    from fashion_pipeline.tasks.ml.dataset import load_split
+    from fashion_pipeline.tasks.ml.evaluation import score
+    from fashion_pipeline.tasks.ml.model import MODEL_ARGS, build_model, log_probabilities
+
+    settings = {"augment": True, "augment_shift": 0, "weight_decay": 1e-3, "validation_size": VALIDATION}
+    flipped = run_tiny_flow(tmp_path, synthetic_mirror, experiment="flipped", test_time_flip=True, **settings)
+    plain = run_tiny_flow(tmp_path, synthetic_mirror, experiment="plain", **settings)
+    assert flipped["train_dir"] != plain["train_dir"]  # the option is part of the training's key
+    exported = torch.load(Path(flipped["train_dir"]) / "model.pt", weights_only=True)
+    assert exported["hyperparameters"]["test_time_flip"] is True
+    assert exported["model"]["fc3.bias"].equal(torch.load(Path(plain["train_dir"]) / "model.pt",
+                                                          weights_only=True)["model"]["fc3.bias"])  # same weights
+    net = build_model(MODEL_ARGS)
+    net.load_state_dict(exported["model"])
+    net.eval()
+    manifest = tmp_path / "data" / "FashionMNIST" / "dataset.json"
+    test_images, test_labels = load_split(manifest, "test")
+    train_images, train_labels = load_split(manifest, "train")
+    _, held = batches.validation_split(train_labels, VALIDATION, TINY.get("seed", 0))
+    with torch.no_grad():
+        def predicted(images: torch.Tensor, mirrored: bool) -> torch.Tensor:
+            return log_probabilities(net, batches.normalise(images, "cpu"), mirrored)
+
+        for result, mirrored in ((flipped, True), (plain, False)):
+            # The test metrics are those of the run's own way of predicting, and so is the validation loss.
+            metrics = score(predicted(test_images, mirrored).exp(), test_labels)
+            assert result["mean_ap"] == pytest.approx(metrics["mean_ap"], abs=1e-6)
+            validation_loss = torch.nn.functional.nll_loss(predicted(train_images[held], mirrored), train_labels[held])
+            assert result["validation_loss"] == pytest.approx(validation_loss.item(), rel=1e-5)
+    assert flipped["mean_ap"] != pytest.approx(plain["mean_ap"], abs=1e-6)
+    assert flipped["validation_loss"] != pytest.approx(plain["validation_loss"], rel=1e-5)

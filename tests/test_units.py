@@ -195,6 +195,51 @@ def test_augmentation_shifts_and_flips_reproducibly() -> None:
                    for candidate in (original, original.flip(1)) for dy in range(-2, 3) for dx in range(-2, 3))
 
 
+def test_flip_only_augmentation_mirrors_about_half_and_shifts_none() -> None:
+    from fashion_pipeline.tasks.ml.batches import Augmentation
+
+    images = torch.randint(0, 256, (64, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    first, second = Augmentation(seed=3, shift=0), Augmentation(seed=3, shift=0)
+    out = first(images)
+    assert torch.equal(out, second(images))  # seeded
+    mirrored = [torch.equal(after, before.flip(1)) for before, after in zip(images, out)]
+    assert all(m or torch.equal(after, before) for m, before, after in zip(mirrored, images, out))
+    assert 16 <= sum(mirrored) <= 48
+
+
+def test_test_time_flip_predicts_the_mean_over_an_image_and_its_mirror() -> None:
+    from fashion_pipeline.tasks.ml.model import MODEL_ARGS, build_model, log_probabilities
+
+    net = build_model(MODEL_ARGS, seed=0).eval()
+    inputs = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = log_probabilities(net, inputs)
+        both = log_probabilities(net, inputs, mirrored=True)
+        expected = (torch.softmax(net(inputs), 1) + torch.softmax(net(inputs.flip(3)), 1)) / 2
+        assert torch.allclose(plain.exp(), torch.softmax(net(inputs), 1), atol=1e-6)
+        assert torch.allclose(both.exp(), expected, atol=1e-6) and not torch.allclose(both, plain, atol=1e-3)
+        # so an image and its mirror image get the same prediction
+        assert torch.allclose(log_probabilities(net, inputs.flip(3), mirrored=True), both, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_shrinks_the_weights_of_a_step_without_gradient(optimizer: str) -> None:
+    from fashion_pipeline.tasks.config import RunConfig
+    from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+    from fashion_pipeline.tasks.ml.training_loop import TrainingLoop
+
+    hp = Hyperparameters.of(RunConfig.model_construct(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=0.01))
+    loop = TrainingLoop(hp, "cpu", size=64)
+    before = [parameter.detach().clone() for parameter in loop.model.parameters()]
+    for parameter in loop.model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    loop.optimizer.step()
+    # SGD's L2 term adds wd * w to the gradient, a step of lr * wd * w; Adam's decoupled decay shrinks
+    # by the same lr * wd, where an Adam step of L2 would move each weight by about lr.
+    for old, new in zip(before, loop.model.parameters()):
+        assert torch.allclose(new.detach(), old * (1 - 0.1 * 0.01), atol=1e-7)
+
+
 def test_training_on_an_accelerator_is_tagged_with_its_device_type() -> None:
     from fashion_pipeline.tasks.pipeline import accelerator_tag
 

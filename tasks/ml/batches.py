@@ -36,13 +36,17 @@ class Augmentation:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, H, W) -> the same, each shifted (zeros come in) and maybe flipped."""
         count, height, width = images.shape
-        offsets = torch.randint(0, 2 * self.shift + 1, (2, count), generator=self.generator).to(images.device)
-        flips = (torch.rand(count, generator=self.generator) < 0.5).to(images.device)
+        device = images.device
+        if not self.shift:  # flips only: no offsets to draw, no gather
+            flips = (torch.rand(count, generator=self.generator) < 0.5).to(device)
+            return torch.where(flips[:, None, None], images.flip(2), images)
+        offsets = torch.randint(0, 2 * self.shift + 1, (2, count), generator=self.generator).to(device)
+        flips = (torch.rand(count, generator=self.generator) < 0.5).to(device)
         padded = torch.nn.functional.pad(images, (self.shift,) * 4)  # (B, H + 2s, W + 2s)
-        rows = offsets[0, :, None] + torch.arange(height, device=images.device)  # (B, H)
-        columns = offsets[1, :, None] + torch.arange(width, device=images.device)  # (B, W)
+        rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H)
+        columns = offsets[1, :, None] + torch.arange(width, device=device)  # (B, W)
         columns = torch.where(flips[:, None], columns.flip(1), columns)
-        return padded[torch.arange(count, device=images.device)[:, None, None], rows[:, :, None], columns[:, None, :]]
+        return padded[torch.arange(count, device=device)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
 
 class SeededOrder:

@@ -58,16 +58,18 @@ def publish_pictures(out: Path, metrics: dict[str, Any], probabilities: torch.Te
 
 
 def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities (N, C) of the exported model on uint8 images (N, 28, 28), on the CPU."""
+    """Softmax probabilities (N, C) of the exported model on uint8 images (N, 28, 28), on the CPU, predicted as
+    its hyperparameters say (with or without the test-time flip; a model.pt older than that option: without)."""
     net = model.build_model(exported["model_args"])
     net.load_state_dict(exported["model"])
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
+    mirrored = bool(exported["hyperparameters"].get("test_time_flip", False))
     torch.set_num_threads(cpu_threads(EVAL_BATCH))
     chunks = images.split(EVAL_BATCH)
     probabilities = []
     with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
         for chunk in chunks:
-            probabilities.append(torch.softmax(net(batches.normalise(chunk, "cpu")), dim=1))  # (B, C)
+            probabilities.append(model.log_probabilities(net, batches.normalise(chunk, "cpu"), mirrored).exp())  # (B, C)
             progress.advance()
     return torch.cat(probabilities)
 

@@ -1,4 +1,4 @@
-"""What decides a training's weights besides the data, the code and the device. Light to import."""
+"""What decides a trained model besides the data, the code and the device. Light to import."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fashion_pipeline.tasks.config import RunConfig
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Everything besides data, code and device that decides the trained weights."""
+    """Everything besides data, code and device that decides the trained model: its weights, and how it predicts."""
 
     epochs: int
     batch_size: int
@@ -19,8 +19,12 @@ class Hyperparameters:
     schedule: str
     seed: int
     validation_size: int = 0  # training images held out for validation (batches.validation_split)
+    weight_decay: float = 0.0
     augment: bool = False  # random shifts and flips of the training images (batches.Augmentation)
+    augment_shift: int = 2  # the largest of those shifts, in pixels
     label_smoothing: float = 0.0
+    # Validation and evaluation predict with the mean over each image and its mirror (model.class_probabilities).
+    test_time_flip: bool = False
 
     @classmethod
     def of(cls, config: RunConfig) -> Hyperparameters:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,3 +39,17 @@ def build_model(model_args: dict[str, Any], seed: int | None = None) -> Net:
     if seed is not None:
         torch.manual_seed(seed)
     return Net(**model_args)
+
+
+
+def log_probabilities(net: nn.Module, inputs: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
+    """Log-softmax class probabilities (B, C) of `net` on normalised images (B, 1, H, W).
+
+    With `mirrored` (the test-time flip), those of the mean of each image's and its mirror image's
+    probabilities: a model trained on flipped images sees both views of a garment, whose class a
+    mirror never changes.
+    """
+    log_p = torch.log_softmax(net(inputs), dim=1)
+    if mirrored:
+        log_p = torch.logaddexp(log_p, torch.log_softmax(net(inputs.flip(3)), dim=1)) - math.log(2)
+    return log_p

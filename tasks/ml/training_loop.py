@@ -144,7 +144,8 @@ class TrainingLoop:
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=hyperparameters.label_smoothing)
-        self.augment = batches.Augmentation(hyperparameters.seed) if hyperparameters.augment else None
+        self.augment = (batches.Augmentation(hyperparameters.seed, hyperparameters.augment_shift)
+                        if hyperparameters.augment else None)
         self.optimizer = _optimizer(self.model, hyperparameters, self.device)
         self.scheduler = _scheduler(self.optimizer, hyperparameters, self.batches_per_epoch)
         self.order = batches.SeededOrder(size, hyperparameters.seed)
@@ -239,7 +240,7 @@ class TrainingLoop:
         progress.note(loss=average)
         with torch.no_grad():
             self.model.eval()
-            probabilities = torch.softmax(self.model(inputs[:4]), dim=1)  # (4, C)
+            probabilities = model.log_probabilities(self.model, inputs[:4], self.hp.test_time_flip).exp()  # (4, C)
             self.model.train()
         figures.log(self.global_step, raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
 
@@ -252,11 +253,12 @@ class TrainingLoop:
         loss = correct = 0.0
         with torch.no_grad():
             for chunk, targets in zip(images.split(VALIDATION_BATCH), labels.split(VALIDATION_BATCH)):
-                logits = self.model(batches.normalise(chunk, self.device))  # (B, C)
+                inputs = batches.normalise(chunk, self.device)
+                log_p = model.log_probabilities(self.model, inputs, self.hp.test_time_flip)  # (B, C)
                 targets = targets.to(self.device)
                 # Plain cross-entropy, without the training's label smoothing. Note: a host sync per chunk.
-                loss += nn.functional.cross_entropy(logits, targets).item() * len(chunk)
-                correct += (logits.argmax(dim=1) == targets).sum().item()
+                loss += nn.functional.nll_loss(log_p, targets).item() * len(chunk)
+                correct += (log_p.argmax(dim=1) == targets).sum().item()
         self.model.train()
         self.validation = {"validation_loss": loss / len(images), "validation_accuracy": correct / len(images)}
         writer.add_scalar(VALIDATION_LOSS_TAG, self.validation["validation_loss"], self.global_step)
@@ -288,8 +290,9 @@ def _optimizer(net: nn.Module, hp: Hyperparameters, device: torch.device) -> tor
     # Fused: one kernel updates every parameter, instead of a few small ops per parameter tensor.
     fused = device.type in ("cpu", "cuda")
     if hp.optimizer == "adam":
-        return torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.momentum, 0.999), fused=fused)
-    return torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, fused=fused)
+        return torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.momentum, 0.999), fused=fused,
+                                weight_decay=hp.weight_decay, decoupled_weight_decay=True)
+    return torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, fused=fused, weight_decay=hp.weight_decay)
 
 
 def _scheduler(
