@@ -29,10 +29,12 @@ Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the 
 Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
 LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
-WeightDecay = Annotated[float, Field(ge=0, lt=1, description="Weight decay: L2 for SGD, decoupled (as AdamW's) for Adam.")]
+WeightDecay = Annotated[float, Field(ge=0, lt=1, description="Weight decay: L2 for SGD, decoupled (as AdamW's) "
+                                                              "for Adam.")]
 Augment = Annotated[bool, Field(description="Shift each training image by up to --augment-shift pixels and flip half "
                                             "of them, drawn from a seeded generator.")]
-AugmentShift = Annotated[int, Field(ge=0, le=8, description="The largest shift of --augment, in pixels (0: flips only).")]
+AugmentShift = Annotated[int, Field(ge=0, le=8, description="The largest shift of --augment, in pixels "
+                                                             "(0: flips only).")]
 TestTimeFlip = Annotated[bool, Field(description="Predict, in validation and on the test set, with the mean of the "
                                                  "class probabilities of each image and of its mirror image.")]
 LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the training loss.")]

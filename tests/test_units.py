@@ -107,6 +107,15 @@ def test_flow_signature_is_run_config() -> None:
         assert hints[name] == field.annotation, name
 
 
+def test_presets_are_run_configs_that_options_override() -> None:
+    from fashion_pipeline.flows.command_line import PRESETS, parse_command_line
+
+    for name, settings in PRESETS.items():
+        config = parse_command_line(["--preset", name, "--epochs", "3"]).config
+        assert config.epochs == 3, name  # an explicit option wins
+        assert all(getattr(config, key) == value for key, value in settings.items() if key != "epochs"), name
+
+
 def test_stage_names_are_the_pipelines(tmp_path: Path) -> None:
     # --refresh validates against tasks/config.py STAGES, which must be the stages the pipeline runs, in order.
     from fashion_pipeline.tasks.config import STAGES, parse_config

@@ -37,11 +37,12 @@ class Augmentation:
         """uint8 images (B, H, W) -> the same, each shifted (zeros come in) and maybe flipped."""
         count, height, width = images.shape
         device = images.device
-        if not self.shift:  # flips only: no offsets to draw, no gather
-            flips = (torch.rand(count, generator=self.generator) < 0.5).to(device)
-            return torch.where(flips[:, None, None], images.flip(2), images)
-        offsets = torch.randint(0, 2 * self.shift + 1, (2, count), generator=self.generator).to(device)
+        offsets = None
+        if self.shift:  # drawn before the flips, so that the draws stay those of the trainings before flips-only
+            offsets = torch.randint(0, 2 * self.shift + 1, (2, count), generator=self.generator).to(device)
         flips = (torch.rand(count, generator=self.generator) < 0.5).to(device)
+        if offsets is None:  # flips only: no gather
+            return torch.where(flips[:, None, None], images.flip(2), images)
         padded = torch.nn.functional.pad(images, (self.shift,) * 4)  # (B, H + 2s, W + 2s)
         rows = offsets[0, :, None] + torch.arange(height, device=device)  # (B, H)
         columns = offsets[1, :, None] + torch.arange(width, device=device)  # (B, W)

@@ -69,7 +69,8 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     probabilities = []
     with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
         for chunk in chunks:
-            probabilities.append(model.log_probabilities(net, batches.normalise(chunk, "cpu"), mirrored).exp())  # (B, C)
+            log_p = model.log_probabilities(net, batches.normalise(chunk, "cpu"), mirrored)  # (B, C)
+            probabilities.append(log_p.exp())
             progress.advance()
     return torch.cat(probabilities)
 

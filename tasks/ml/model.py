@@ -41,7 +41,6 @@ def build_model(model_args: dict[str, Any], seed: int | None = None) -> Net:
     return Net(**model_args)
 
 
-
 def log_probabilities(net: nn.Module, inputs: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
     """Log-softmax class probabilities (B, C) of `net` on normalised images (B, 1, H, W).
 
