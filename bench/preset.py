@@ -39,6 +39,8 @@ CANDIDATES = {  # tried in this order; the README gives their figures
     "lr 0.006, 18 epochs + label smoothing": PREVIOUS | {"lr": 0.006, "epochs": 18, "label_smoothing": 0.1},
     "sgd + flips, batch 64, lr 0.1, 15 epochs": FLIPPED | {"batch_size": 64, "lr": 0.1, "epochs": 15},
     "sgd + flips, batch 128, lr 0.2, 20 epochs": FLIPPED | {"batch_size": 128, "lr": 0.2, "epochs": 20},
+    "sgd + flips, batch 128, lr 0.2, 16 epochs": FLIPPED | {"batch_size": 128, "lr": 0.2, "epochs": 16},
+    "sgd + flips, batch 128, lr 0.2, 15 epochs": FLIPPED | {"batch_size": 128, "lr": 0.2, "epochs": 15},
     "sgd + flips, batch 256, lr 0.4, 28 epochs": FLIPPED | {"batch_size": 256, "lr": 0.4, "epochs": 28},
 }
 

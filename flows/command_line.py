@@ -20,8 +20,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
     # For accuracy rather than the tutorial's numbers: the same Net, in about a minute on a 2-core CPU.
     # Chosen on a validation split (bench/preset.py; the README's Performance section has the figures).
-    "accurate": {"optimizer": "sgd", "schedule": "onecycle", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
-                 "batch_size": 128, "epochs": 20, "augment": True, "augment_shift": 0, "test_time_flip": True},
+    "accurate": {"optimizer": "sgd", "schedule": "onecycle", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                 "batch_size": 64, "epochs": 15, "augment": True, "augment_shift": 0, "test_time_flip": True},
 }
 
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=choices, help=f"{field.description} (default: {default})")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tutorial",
                         help="Starting values: 'tutorial' (the tutorial's settings) or 'accurate' (SGD with weight decay, "
-                             "one-cycle, batch 128, 20 epochs, flipped images and the test-time flip); options given "
+                             "one-cycle, batch 64, 15 epochs, flipped images and the test-time flip); options given "
                              "explicitly win.")
     parser.add_argument("--serve", action="store_true", default=False,
                         help="Serve the flow on the schedule of prefect.yaml from this process instead of running it once.")
