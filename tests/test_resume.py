@@ -154,10 +154,11 @@ def event_steps(path: Path) -> list[int]:
 
 
 def test_augmented_training_resumes_exactly(
-    prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The augmentation's draws are in the checkpoint: a resumed training draws the same shifts and flips.
+    # (finished_run first: alone, the test's own first flow run would set up Prefect's logging, and caplog see nothing.)
     settings = {"augment": True, "label_smoothing": 0.1}
     reference = run_tiny_flow(tmp_path / "reference", synthetic_mirror, **settings)
     # Between the checkpoints at steps 15 and 30; a point of its own, as each fires once per process.
@@ -165,3 +166,19 @@ def test_augmented_training_resumes_exactly(
     resumed = run_tiny_flow(tmp_path / "faulty", synthetic_mirror, **settings)
     assert "Resuming from" in caplog.text and "(step 15)" in caplog.text
     assert same_weights(final_weights(resumed), final_weights(reference))
+
+
+def test_channels_last_training_resumes_exactly(
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Batches of 16 train on oneDNN with the model in channels-last order (the accurate preset's path),
+    # here with weight decay, flips only and the test-time flip: 10 steps an epoch, checkpoints every 5.
+    settings = {"batch_size": 16, "checkpoint_every": 5, "weight_decay": 1e-3, "augment": True, "augment_shift": 0,
+                "test_time_flip": True}
+    reference = run_tiny_flow(tmp_path / "reference", synthetic_mirror, **settings)
+    monkeypatch.setenv("FASHION_FAULT", "train:13")  # between the checkpoints at steps 10 and 15
+    resumed = run_tiny_flow(tmp_path / "faulty", synthetic_mirror, **settings)
+    assert "Resuming from" in caplog.text and "(step 10)" in caplog.text
+    assert same_weights(final_weights(resumed), final_weights(reference))
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
