@@ -23,7 +23,7 @@ class Hyperparameters:
     augment: bool = False  # random shifts and flips of the training images (batches.Augmentation)
     augment_shift: int = 2  # the largest of those shifts, in pixels
     label_smoothing: float = 0.0
-    # Validation and evaluation predict with the mean over each image and its mirror (model.class_probabilities).
+    # Validation and evaluation predict with the mean over each image and its mirror (model.log_probabilities).
     test_time_flip: bool = False
 
     @classmethod

@@ -146,7 +146,7 @@ class TrainingLoop:
         self.use_onednn = self.device.type == "cpu" and hyperparameters.batch_size >= ONEDNN_MIN_BATCH
         if self.use_onednn:
             # oneDNN's convolutions work in channels-last order: weights kept in it spare a reorder of
-            # every layer's activations and gradients at each step, which costs as much as the arithmetic.
+            # every layer's activations and gradients at each step.
             self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=hyperparameters.label_smoothing)
         self.augment = (batches.Augmentation(hyperparameters.seed, hyperparameters.augment_shift)
