@@ -49,7 +49,7 @@ def serve_on_schedule(flow: Flow, parameters: dict[str, Any]) -> None:
 
 
 def enter_repository() -> dict[str, str]:
-    """Pull step: make the clone that this Python environment imports `flows` from the working directory.
+    """Pull step: make the clone that this Python environment imports `fashion_pipeline` from the working directory.
 
     It is found at run time on the worker, so no path of the deploying machine is stored in the
     deployment, and the worker may be started from any folder. A copy installed in site-packages

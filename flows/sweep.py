@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from fashion_pipeline.flows.command_line import TAG
+from fashion_pipeline.flows.fashion import mirror_variable
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
@@ -88,13 +89,14 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     with ExitStack() as locks:
         for folder in (sweep_dir, *(trial.config.run_dir for trial in trials)):
             locks.enter_context(experiment_lock(folder))
+        mirror = shared.source or mirror_variable()  # as a single run finds it
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
-        download.task(data_dir=shared.data_dir, mirror=shared.source, refresh="download" in shared.refresh)
+        download.task(data_dir=shared.data_dir, mirror=mirror, refresh="download" in shared.refresh)
         latest: dict[str, dict[str, Any]] = {}  # each configuration's entry at the last rung it reached
         rungs, alive = [], trials
         for epochs in rung_epochs(shared.epochs, halving):
             rung = [at_epochs(trial, epochs) for trial in alive]
-            futures = [submit(trial, shared.source) for trial in rung]
+            futures = [submit(trial, mirror) for trial in rung]
             entries = [outcome(trial, future) for trial, future in zip(rung, futures)]
             for entry in entries:
                 print(describe(entry))

@@ -122,7 +122,7 @@ def test_failing_configuration_is_reported_and_rerun_trains_only_it(
     assert [entry["state"] for entry in done] == ["Completed", "Completed"]
     assert failed["state"] == "Failed" and failed["stages"]["train"] == "Failed"
     assert failed["error"].startswith("train: FileExistsError") and blocker.name in failed["error"]
-    assert summary["best"]["name"] == max(done, key=lambda entry: entry["test_accuracy"])["name"]
+    assert summary["best"]["name"] == max(done, key=lambda entry: entry["validation_accuracy"])["name"]
     assert_table_reports(summary, attempts=1 + train.task.retries)
 
     trained = {entry["name"]: (Path(entry["train_dir"]) / "training.json").stat().st_mtime_ns for entry in done}
@@ -162,6 +162,25 @@ def assert_table_reports(summary: dict, attempts: int) -> None:
         (entry["values"]["lr"], entry["state"], entry.get("error", "")) for entry in summary["configurations"]
     ]
     assert [run.run_count for run in failed_trains] == [attempts]
+
+
+def test_sweep_takes_the_mirror_from_a_prefect_variable(dask_address: str, synthetic_folder: Path,
+                                                        tmp_path: Path) -> None:
+    # As a single run does (tests/test_download.py): a sweep that names no mirror takes the server's Variable.
+    from prefect.variables import Variable
+
+    from fashion_pipeline.flows.fashion import MIRROR_VARIABLE
+
+    args = sweep_args(tmp_path, synthetic_folder, dask_address)
+    at = args.index("--mirror")
+    Variable.set(MIRROR_VARIABLE, str(synthetic_folder), overwrite=True)
+    try:
+        assert main(["--name", "variable", "--grid", json.dumps({"lr": [0.01]}), *args[:at], *args[at + 2:]]) == 0
+    finally:
+        Variable.unset(MIRROR_VARIABLE)
+    [entry] = read_summary(tmp_path, "variable")["configurations"]
+    assert entry["state"] == "Completed" and entry["stages"]["download"] == "Cached"  # the sweep's own download
+    assert (tmp_path / "data" / "FashionMNIST" / "dataset.json").is_file()
 
 
 @pytest.mark.parametrize("grid, message", [
