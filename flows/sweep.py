@@ -95,7 +95,7 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
         latest: dict[str, dict[str, Any]] = {}  # each configuration's entry at the last rung it reached
         rungs, alive = [], trials
         for epochs in rung_epochs(shared.epochs, halving):
-            rung = [at_epochs(trial, epochs) for trial in alive]
+            rung = [at_epochs(trial, epochs, first=not rungs) for trial in alive]
             futures = [submit(trial, mirror) for trial in rung]
             entries = [outcome(trial, future) for trial, future in zip(rung, futures)]
             for entry in entries:
@@ -116,9 +116,13 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     return summary
 
 
-def at_epochs(trial: Trial, epochs: int) -> Trial:
-    """`trial` trained for `epochs` (a rung's budget); its download is the sweep's, done already."""
-    refresh = [stage for stage in trial.config.refresh if stage != "download"]
+def at_epochs(trial: Trial, epochs: int, first: bool = True) -> Trial:
+    """`trial` trained for `epochs` (a rung's budget); its download is the sweep's, done already.
+
+    `--refresh train` retrains the first rung only: a later rung continues the rung before it, which
+    a refreshed training would not do.
+    """
+    refresh = [stage for stage in trial.config.refresh if stage != "download" and (first or stage != "train")]
     return replace(trial, config=trial.config.model_copy(update={"epochs": epochs, "refresh": refresh}))
 
 

@@ -294,3 +294,11 @@ def test_halving_trains_the_expected_steps_and_resumes_after_sigkill(prefect_api
     dropped = [entry for entry in summary["configurations"] if entry["name"] not in second["trained"]]
     assert [entry["stages"]["train"] for entry in dropped] == ["Cached", "Cached"]
     assert "Resuming from" in done.stderr
+
+    # --refresh train retrains the first rung; rung 2 is still the continuation of rung 1, so it stays.
+    refreshed = subprocess.run([*command, "--refresh", "train"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert refreshed.returncode == 0, refreshed.stderr[-3000:]
+    again = json.loads((sweep_dir / "sweep.json").read_text())
+    assert again["rungs"] == summary["rungs"]
+    trains = {entry["name"]: entry["stages"]["train"] for entry in again["configurations"]}
+    assert trains == {name: "Cached" if name in second["trained"] else "Completed" for name in first["trained"]}
