@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,10 @@ import torch
 
 from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore
 from tests.helpers import (
-    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
+    FLOW_SCRIPT, TINY, VALIDATION, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
     wait_while_running,
 )
-from tests.synthetic import write_synthetic_fashion_mnist
+from tests.synthetic import TRAIN_SIZE, write_synthetic_fashion_mnist
 from tests.tensorboard_reader import image_steps, load_runs, loss_steps, scalar_steps, training_run
 
 
@@ -54,6 +55,23 @@ def test_truncated_newest_checkpoint_is_passed_over(
     assert "(step 40)" in caplog.text  # the epoch-end checkpoint before it
     assert same_weights(final_weights(result), final_weights(finished_run[1]))
     assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
+
+
+def test_killed_after_the_last_checkpoint_keeps_the_training_metrics(
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Killed between the final checkpoint and the manifest: the rerun resumes at the end and trains
+    # nothing, yet reports the training's last loss and validation, which the checkpoint keeps.
+    first = run_tiny_flow(tmp_path, synthetic_mirror, validation_size=VALIDATION)
+    manifest = Path(first["train_dir"]) / "training.json"
+    recorded = json.loads(manifest.read_text())
+    manifest.unlink()
+    again = run_tiny_flow(tmp_path, synthetic_mirror, validation_size=VALIDATION)
+    assert f"(step {total_steps(TINY, train_size=TRAIN_SIZE - VALIDATION)})" in caplog.text
+    rewritten = json.loads(manifest.read_text())
+    assert rewritten["validation"] == recorded["validation"] and rewritten["validation"] is not None
+    assert rewritten["training_loss"] == recorded["training_loss"] and rewritten["training_loss"] is not None
+    assert again["validation_accuracy"] == first["validation_accuracy"]
 
 
 def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> None:

@@ -216,6 +216,40 @@ def test_flip_only_augmentation_mirrors_about_half_and_shifts_none() -> None:
     assert 16 <= sum(mirrored) <= 48
 
 
+def test_predictions_figure_shows_the_augmented_images_trained_on(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fashion_pipeline.tasks.ml import training_loop
+    from fashion_pipeline.tasks.ml.batches import Augmentation, SeededOrder
+    from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore
+    from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+
+    logged: dict[int, object] = {}
+
+    class RecordingFigures:  # the figure process's interface; what matters here is which images it is given
+        def __init__(self, *args: object) -> None: ...
+        def log(self, step: int, images: object, *rest: object) -> None: logged[step] = images
+        def flush(self) -> None: ...
+        def close(self) -> None: ...
+
+    monkeypatch.setattr(training_loop, "FigureWorker", RecordingFigures)
+    images = torch.randint(0, 256, (32, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(32) % 10
+    hyperparameters = Hyperparameters(epochs=1, batch_size=4, lr=0.01, momentum=0.9, optimizer="sgd",
+                                      schedule="constant", seed=5, augment=True)
+    loop = training_loop.TrainingLoop(hyperparameters, "cpu", len(images))
+    with SummaryWriter(str(tmp_path)) as writer:
+        loop.run(images, labels, writer, CheckpointStore(tmp_path / "checkpoints"), log_every=3, checkpoint_every=100)
+    # Replayed: the epoch's order, and the augmentation drawn batch by batch.
+    order, augment = SeededOrder(len(images), seed=5).next_epoch(), Augmentation(seed=5)
+    trained = [augment(images[order[batch * 4:(batch + 1) * 4]]) for batch in range(8)]
+    assert sorted(logged) == [3, 6]
+    for step, shown in logged.items():
+        assert torch.equal(torch.from_numpy(shown), trained[step - 1])
+        assert not torch.equal(torch.from_numpy(shown), images[order[(step - 1) * 4:step * 4]])
+
+
 def test_test_time_flip_predicts_the_mean_over_an_image_and_its_mirror() -> None:
     from fashion_pipeline.tasks.ml.model import MODEL_ARGS, build_model, log_probabilities
 

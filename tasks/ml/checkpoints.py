@@ -19,13 +19,14 @@ from fashion_pipeline.tasks.plumbing.log import stage_logger
 # a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
 CHECKPOINT_KEYS = frozenset({
     "format", "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
-    "global_step", "order", "rng", "running_loss", "augment",
+    "global_step", "order", "rng", "running_loss", "augment", "last_loss", "validation",
 })
 # The checkpoint format: 1, the keys above but `format` and `augment` (written before the format was
 # recorded); 2, with `format`; 3, with `augment` (the augmentation generator's state, empty without
-# augmentation). A later format that adds a key fills it in for older checkpoints in `_upgraded`, so
-# that they still resume.
-FORMAT = 3
+# augmentation); 4, with `last_loss` and `validation` (the latest logged loss and validation, which a
+# training resumed at its end still reports). A later format that adds a key fills it in for older
+# checkpoints in `_upgraded`, so that they still resume.
+FORMAT = 4
 # model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
 MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step", "metrics")
 
@@ -101,8 +102,10 @@ def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
         raise CheckpointFormatError(f"{path}: checkpoint format {version} is newer than this code reads ({FORMAT}): "
                                     "run the version of the project that wrote it, or --refresh train")
     if version < 3:  # trained without augmentation, which came with format 3
-        state = state | {"format": FORMAT, "augment": _empty_tensor()}
-    return state
+        state = state | {"augment": _empty_tensor()}
+    if version < 4:  # not kept: a resumed training logs them again at its next log point and epoch end
+        state = state | {"last_loss": None, "validation": None}
+    return state | {"format": FORMAT}
 
 
 def _empty_tensor() -> Any:

@@ -157,7 +157,7 @@ class TrainingLoop:
         self.epoch = self.batches_done = self.global_step = 0
         self.order_state = self.order.state()
         self.running_loss = torch.zeros((), device=self.device)
-        self.last_loss: float | None = None  # the mean loss at the latest log point of this process
+        self.last_loss: float | None = None  # the mean loss at the latest log point
         self.validation: dict[str, float] | None = None  # loss and accuracy at the latest epoch's end
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,6 +175,8 @@ class TrainingLoop:
             "rng": rng.capture(self.device),
             "running_loss": self.running_loss.cpu(),
             "augment": self.augment.state() if self.augment else torch.empty(0, dtype=torch.uint8),
+            "last_loss": self.last_loss,
+            "validation": self.validation,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -189,6 +191,7 @@ class TrainingLoop:
         if self.augment and state["augment"].numel():
             self.augment.restore(state["augment"])
         self.running_loss = state["running_loss"].to(self.device)
+        self.last_loss, self.validation = state["last_loss"], state["validation"]
 
     def run(
         self, images: torch.Tensor, labels: torch.Tensor, writer: SummaryWriter, store: CheckpointStore,
@@ -206,6 +209,8 @@ class TrainingLoop:
                 for batch in range(self.batches_done, self.batches_per_epoch):
                     index = permutation[batch * self.hp.batch_size:(batch + 1) * self.hp.batch_size]
                     raw, targets = images[index], labels[index]  # (B, 28, 28) uint8, (B,)
+                    if self.augment:  # here, so that the figure shows the images as trained on
+                        raw = self.augment(raw)
                     inputs = self._step(raw, targets)
                     self.batches_done = batch + 1
                     progress.advance()
@@ -222,7 +227,7 @@ class TrainingLoop:
     def _step(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns the normalised inputs (B, 1, 28, 28)."""
         fault_point("train", self.global_step + 1)
-        inputs = batches.normalise(self.augment(raw) if self.augment else raw, self.device)
+        inputs = batches.normalise(raw, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.model(inputs), targets)
         loss.backward()
