@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from fashion_pipeline.tasks.config import is_url
 from fashion_pipeline.tasks.ml.dataset import decode
-from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError
+from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError, flat
 from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, md5_file
 from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
@@ -134,5 +134,4 @@ def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | Non
             if (raw / name).is_file() and (actual := md5_file(raw / name)) != md5:
                 raise DatasetChecksumError(f"{mirrors[0]}{name}: md5 {actual} does not match the expected {md5}: "
                                            "the mirror serves another file; use another mirror") from None
-        reason = " ".join(str(error).split())
-        raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {reason}") from error
+        raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {flat(str(error))}") from error

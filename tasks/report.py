@@ -75,9 +75,14 @@ def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics:
     write_manifest(manifest_path, event_files(train_dir, "report"), **facts)
 
 
+def artifact_key(name: str) -> str:
+    """`name` as a Prefect artifact key, which allows lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
+
 def publish_artifacts(config: RunConfig, result: dict[str, Any]) -> None:
     """A markdown summary and a per-class table, keyed by experiment so the UI keeps their history."""
-    key = re.sub(r"[^a-z0-9-]+", "-", config.experiment.lower()).strip("-")
+    key = artifact_key(config.experiment)
     rows = [{"class": name, "precision": round(result["per_class_precision"][name], 4),
              "recall": round(result["per_class_recall"][name], 4), "ap": round(result["per_class_ap"][name], 4)}
             for name in CLASSES]

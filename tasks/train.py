@@ -63,8 +63,8 @@ def train(
     run_dir: str,
     hyperparameters: Hyperparameters,
     device: str,
-    log_every: int = 1000,
-    checkpoint_every: int = 2000,
+    log_every: int,
+    checkpoint_every: int,
     refresh: bool = False,
 ) -> Written:
     """Train the Net, resuming from the newest valid checkpoint of the same training if there is one.

@@ -79,7 +79,8 @@ def test_prefect_internals_are_those_the_server_uses() -> None:
     assert f'"prefect>={local_server.TESTED_PREFECT}' in pyproject and "<3.10" in pyproject
 
 
-def test_an_untested_prefect_falls_back_to_its_own_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_untested_prefect_falls_back_to_its_own_server(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setattr(local_server, "TESTED_PREFECT", "2.0")
@@ -89,6 +90,9 @@ def test_an_untested_prefect_falls_back_to_its_own_server(monkeypatch: pytest.Mo
             local_server.start()
         with local_server.local_server_settings() as server:
             assert server is None and PREFECT_API_URL.value() is None  # Prefect starts its own server
+        with pytest.warns(UserWarning, match="not the tested 2.0 release"):
+            assert local_server.main(["start"]) == 0
+    assert capsys.readouterr().out.startswith("no local Prefect server started: Prefect ")
 
 
 def test_ephemeral_server_turned_off_is_one_line(new_home: dict[str, str], synthetic_mirror: Path,

@@ -10,6 +10,8 @@ from fashion_pipeline.tasks.config import ConfigError
 MEAN, STD = 0.5, 0.5
 SPLIT_SEED_OFFSET = 7919  # the validation split draws from a stream of its own, not the data order's
 AUGMENT_SEED_OFFSET = 104729  # and so does augmentation
+# Validation and evaluation predict in large batches: a few big matrix products, not thousands of small ones.
+INFERENCE_BATCH = 1000
 
 
 def normalise(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:

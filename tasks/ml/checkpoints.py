@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fashion_pipeline.tasks.plumbing.failures import PermanentError
+from fashion_pipeline.tasks.plumbing.failures import PermanentError, flat
 from fashion_pipeline.tasks.plumbing.files import atomic_write, nearest_existing
 from fashion_pipeline.tasks.plumbing.log import stage_logger
 
@@ -76,7 +76,7 @@ class CheckpointStore:
             except CheckpointFormatError:
                 raise  # a good checkpoint, newer than this code: never to be trained over
             except Exception as error:  # a truncated zip, a pickle error, wrong keys: all mean "unusable"
-                stage_logger().warning("Skipping unusable checkpoint %s: %s", path, " ".join(str(error).split())[:200])
+                stage_logger().warning("Skipping unusable checkpoint %s: %s", path, flat(str(error))[:200])
         return None
 
 

@@ -20,7 +20,6 @@ from fashion_pipeline.tasks.plumbing.files import atomic_write
 from fashion_pipeline.tasks.plumbing.progress import StepProgress
 from fashion_pipeline.tasks.plumbing.tensorboard_files import read_scalars, replacing_writer
 
-EVAL_BATCH = 1000  # large batches: evaluation is a handful of big matrix products, not 2,500 small ones
 CONFUSION_TAG, CLASS_ACCURACY_TAG = "confusion matrix", "per-class accuracy"
 
 
@@ -64,8 +63,8 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     net.load_state_dict(exported["model"])
     net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
     mirrored = bool(exported["hyperparameters"].get("test_time_flip", False))
-    torch.set_num_threads(cpu_threads(EVAL_BATCH))
-    chunks = images.split(EVAL_BATCH)
+    torch.set_num_threads(cpu_threads(batches.INFERENCE_BATCH))
+    chunks = images.split(batches.INFERENCE_BATCH)
     probabilities = []
     with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
         for chunk in chunks:

@@ -33,7 +33,6 @@ KEY_FILE = "key.json"  # in each training's folder: what its name is the digest 
 
 # Batches this small are bound by per-op overhead, where PyTorch's own convolutions beat oneDNN's.
 ONEDNN_MIN_BATCH = 9
-VALIDATION_BATCH = 1000  # validation is a few large matrix products, as evaluation is
 
 
 def run_training(
@@ -262,7 +261,7 @@ class TrainingLoop:
         self.model.eval()
         loss = correct = 0.0
         with torch.no_grad():
-            for chunk, targets in zip(images.split(VALIDATION_BATCH), labels.split(VALIDATION_BATCH)):
+            for chunk, targets in zip(images.split(batches.INFERENCE_BATCH), labels.split(batches.INFERENCE_BATCH)):
                 inputs = batches.normalise(chunk, self.device)
                 log_p = model.log_probabilities(self.model, inputs, self.hp.test_time_flip)  # (B, C)
                 targets = targets.to(self.device)

@@ -53,12 +53,17 @@ def is_known(error: BaseException) -> bool:
     return is_permanent(error) or isinstance(error, (TransientError, RunFailed))
 
 
+def flat(text: str) -> str:
+    """`text` on one line: each run of whitespace, newlines included, as one space."""
+    return " ".join(text.split())
+
+
 def one_line(error: BaseException) -> str:
     """`error` as one line: what failed, on which file, what to do."""
     if isinstance(error, OSError) and error.errno in ADVICE:
         where = f": {os.fsdecode(error.filename)}" if error.filename else ""
         return f"{error.strerror}{where}: {ADVICE[error.errno]}"
-    text = " ".join(str(error).split())
+    text = flat(str(error))
     return text if is_known(error) else f"{type(error).__name__}: {text}"
 
 

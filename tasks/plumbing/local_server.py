@@ -452,7 +452,12 @@ def main(argv: list[str]) -> int:
         elif command == "start":
             start()
             with local_server_settings() as server:
-                print(f"the local Prefect server of {home}: {server.ui_url}" if server else "a Prefect server is configured")
+                if server:
+                    print(f"the local Prefect server of {home}: {server.ui_url}")
+                elif problem := untested_release():  # start() fell back, and warned
+                    print(f"no local Prefect server started: {problem}")
+                else:
+                    print(f"a Prefect server is configured: {get_current_settings().api.url}")
         elif command == "status":
             server = recorded(home)
             print(f"the local Prefect server of {home}: {server.ui_url} (pid {server.pid}; log {home / LOG})"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect.artifacts import create_table_artifact
 
+from fashion_pipeline.tasks.report import artifact_key
 from fashion_pipeline.tasks.sweep.plan import Trial
 
 # The best configuration is picked on held-out training images, never on the test set, whose accuracy
@@ -46,5 +46,4 @@ def publish_table(name: str, entries: list[dict[str, Any]]) -> None:
     rows = [entry["values"] | {"epochs": entry.get("epochs"), METRIC: entry.get(METRIC), REPORTED: entry.get(REPORTED),
                                "mean_ap": entry.get("mean_ap"), "state": entry["state"], "error": entry.get("error", "")}
             for entry in entries]
-    key = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") + "-sweep"
-    create_table_artifact(rows, key=key, description=f"Sweep {name}: one row per configuration")
+    create_table_artifact(rows, key=f"{artifact_key(name)}-sweep", description=f"Sweep {name}: one row per configuration")
