@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,18 @@ def test_real_files_from_http_mirror(real_data: Path, tmp_path: Path) -> None:
     assert len(FashionMNIST(str(tmp_path / "data"), train=False)) == 10000
 
 
+@pytest.fixture
+def outside_a_flow() -> Iterator[None]:
+    """The download task run on its own, as these tests do: its retry messages stay off the API, which
+    takes task-run logs within a flow run only (Prefect warns of each otherwise)."""
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        yield
+
+
 def test_corrupted_file_on_mirror_fails_at_once_and_leaves_nothing_valid(
-    real_data: Path, prefect_api_url: str, tmp_path: Path
+    real_data: Path, prefect_api_url: str, tmp_path: Path, outside_a_flow: None
 ) -> None:
     mirror = tmp_path / "mirror"
     shutil.copytree(real_data, mirror)
@@ -63,7 +74,8 @@ def test_corrupted_file_on_mirror_fails_at_once_and_leaves_nothing_valid(
         assert download(str(data_dir), mirror=url).is_file()
 
 
-def test_network_errors_are_retried(synthetic_mirror: Path, prefect_api_url: str, tmp_path: Path) -> None:
+def test_network_errors_are_retried(synthetic_mirror: Path, prefect_api_url: str, tmp_path: Path,
+                                    outside_a_flow: None) -> None:
     with serve_mirror(synthetic_mirror, failures=2) as (url, gets):
         manifest = download.task.with_options(retry_delay_seconds=0)(str(tmp_path / "data"), mirror=url)
     assert manifest.is_file()
