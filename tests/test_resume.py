@@ -57,21 +57,29 @@ def test_truncated_newest_checkpoint_is_passed_over(
     assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
 
 
+@pytest.mark.parametrize("older_format", [False, True], ids=["format 4", "format 3"])
 def test_killed_after_the_last_checkpoint_keeps_the_training_metrics(
-    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    older_format: bool,
 ) -> None:
     # Killed between the final checkpoint and the manifest: the rerun resumes at the end and trains
-    # nothing, yet reports the training's last loss and validation, which the checkpoint keeps.
+    # nothing, yet reports the training's validation (and last loss), which the checkpoint keeps; one of
+    # format 3, which kept neither, has its validation worked out again.
     first = run_tiny_flow(tmp_path, synthetic_mirror, validation_size=VALIDATION)
     manifest = Path(first["train_dir"]) / "training.json"
     recorded = json.loads(manifest.read_text())
     manifest.unlink()
+    if older_format:
+        final = CheckpointStore(Path(first["train_dir"]) / "checkpoints").paths()[-1]
+        state = torch.load(final, weights_only=True)
+        torch.save({key: value for key, value in state.items() if key not in ("last_loss", "validation")}
+                   | {"format": 3}, final)
     again = run_tiny_flow(tmp_path, synthetic_mirror, validation_size=VALIDATION)
     assert f"(step {total_steps(TINY, train_size=TRAIN_SIZE - VALIDATION)})" in caplog.text
     rewritten = json.loads(manifest.read_text())
     assert rewritten["validation"] == recorded["validation"] and rewritten["validation"] is not None
-    assert rewritten["training_loss"] == recorded["training_loss"] and rewritten["training_loss"] is not None
     assert again["validation_accuracy"] == first["validation_accuracy"]
+    assert rewritten["training_loss"] == (None if older_format else recorded["training_loss"])
 
 
 def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> None:
