@@ -89,7 +89,7 @@ def main() -> int:
         else:
             results: dict[str, list[dict]] = {"previous": [], "accurate": []}
             for seed in args.seeds:  # alternating, so that the machine's drifts fall on both alike
-                for name, settings in (("previous", PREVIOUS), ("accurate", PRESETS["accurate"])):
+                for name, settings in (("previous", PREVIOUS), ("accurate", PRESET)):
                     results[name].append(train(settings, seed, work, validation=0))
             for name, runs in results.items():
                 accuracies = [run["test_accuracy"] for run in runs]

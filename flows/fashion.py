@@ -64,12 +64,14 @@ def fashion(
         config = parse_config(parameters)
         resolved_device = resolve_device(config.device)
         with experiment_lock(config.run_dir):
-            return run_pipeline(config, resolved_device, config.source or mirror_variable())
+            return run_pipeline(config, resolved_device, mirror_of(config))
 
 
-def mirror_variable() -> str | None:
-    """The Prefect Variable `fashion_mnist_mirror`: the mirror of every run that names none itself
-    (neither --mirror nor FASHION_MNIST_MIRROR), set once on a server for all its deployments' runs."""
+def mirror_of(config: RunConfig) -> str | None:
+    """The mirror a run downloads from: its own (--mirror or FASHION_MNIST_MIRROR), else the Prefect
+    Variable `fashion_mnist_mirror`, set once on a server for all its runs; None for the official ones."""
+    if config.source:
+        return config.source
     from prefect.variables import Variable
 
     return Variable.get(MIRROR_VARIABLE, default=None) or None

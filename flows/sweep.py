@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
 from fashion_pipeline.flows.command_line import TAG
-from fashion_pipeline.flows.fashion import mirror_variable
+from fashion_pipeline.flows.fashion import mirror_of
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
@@ -89,7 +89,7 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     with ExitStack() as locks:
         for folder in (sweep_dir, *(trial.config.run_dir for trial in trials)):
             locks.enter_context(experiment_lock(folder))
-        mirror = shared.source or mirror_variable()  # as a single run finds it
+        mirror = mirror_of(shared)
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
         download.task(data_dir=shared.data_dir, mirror=mirror, refresh="download" in shared.refresh)
         latest: dict[str, dict[str, Any]] = {}  # each configuration's entry at the last rung it reached
@@ -116,7 +116,7 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     return summary
 
 
-def at_epochs(trial: Trial, epochs: int, first: bool = True) -> Trial:
+def at_epochs(trial: Trial, epochs: int, first: bool) -> Trial:
     """`trial` trained for `epochs` (a rung's budget); its download is the sweep's, done already.
 
     `--refresh train` retrains the first rung only: a later rung continues the rung before it, which

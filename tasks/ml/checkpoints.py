@@ -103,7 +103,7 @@ def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
                                     "run the version of the project that wrote it, or --refresh train")
     if version < 3:  # trained without augmentation, which came with format 3
         state = state | {"augment": _empty_tensor()}
-    if version < 4:  # not kept: a resumed training logs them again at its next log point and epoch end
+    if version < 4:  # not kept: set again at the next log point and epoch end (or, at the end, validated again)
         state = state | {"last_loss": None, "validation": None}
     return state | {"format": FORMAT}
 

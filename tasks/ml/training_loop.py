@@ -220,12 +220,13 @@ class TrainingLoop:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.order_state = self.order.state()
                 if validation is not None:
-                    self._validate(writer, *validation)
+                    self._validate(*validation)
+                    self._log_validation(writer)
                 self._checkpoint(writer, figures, store)
             if validation is not None and self.validation is None:
                 # Resumed at the end from a checkpoint older than format 4, which did not keep it: the
                 # same weights give the same figures, whose points the event file has already.
-                self._validate(None, *validation)
+                self._validate(*validation)
 
     def _step(self, raw: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns the normalised inputs (B, 1, 28, 28)."""
@@ -257,8 +258,8 @@ class TrainingLoop:
             self.model.train()
         figures.log(self.global_step, raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
 
-    def _validate(self, writer: SummaryWriter | None, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Loss and accuracy on the held-out images (B, 28, 28), logged at the epoch's last step (with a `writer`).
+    def _validate(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Loss and accuracy on the held-out images (B, 28, 28), into `self.validation`.
 
         No randomness is drawn and no state changes: a validated training trains the same weights.
         """
@@ -274,8 +275,9 @@ class TrainingLoop:
                 correct += (log_p.argmax(dim=1) == targets).sum().item()
         self.model.train()
         self.validation = {"validation_loss": loss / len(images), "validation_accuracy": correct / len(images)}
-        if writer is None:
-            return
+
+    def _log_validation(self, writer: SummaryWriter) -> None:
+        """The latest validation, at the epoch's last step."""
         writer.add_scalar(VALIDATION_LOSS_TAG, self.validation["validation_loss"], self.global_step)
         writer.add_scalar(VALIDATION_ACCURACY_TAG, self.validation["validation_accuracy"], self.global_step)
 
