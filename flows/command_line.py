@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"{field.description} Alone: on. (default: {'on' if default else 'off'})")
         else:
             choices = get_args(field.annotation) if name in ("optimizer", "schedule") else None
-            parser.add_argument(flag, choices=choices, help=f"{field.description} (default: {default})")
+            shown = "" if default is None else f" (default: {default})"  # None: the description says what is used instead
+            parser.add_argument(flag, choices=choices, help=f"{field.description}{shown}")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tutorial",
                         help="Starting values: 'tutorial' (the tutorial's settings) or 'accurate' (SGD with weight decay, "
                              "one-cycle, batch 64, 15 epochs, flipped images and the test-time flip); options given "

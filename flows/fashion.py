@@ -13,9 +13,11 @@ if __name__ == "__main__":  # the same as the `fashion` command
 
     sys.exit(main())
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, tags
+from prefect.client.schemas.objects import State
 
 from fashion_pipeline.flows.command_line import TAG, Command, fail
 from fashion_pipeline.tasks.config import (
@@ -24,8 +26,8 @@ from fashion_pipeline.tasks.config import (
     TestTimeFlip, ValidationSize, WeightDecay, documented_parameters, parse_config,
 )
 from fashion_pipeline.tasks.ml.devices import resolve_device
-from fashion_pipeline.tasks.plumbing.failures import ending_the_run, exit_status, one_line, quiet_known_failures
-from fashion_pipeline.tasks.plumbing.local_server import local_server_settings, wait_until_recorded
+from fashion_pipeline.tasks.plumbing.failures import command_failed, ending_the_run, quiet_known_failures
+from fashion_pipeline.tasks.plumbing.local_server import LocalServer, local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
 from fashion_pipeline.tasks.pipeline import run_pipeline
 
@@ -88,6 +90,18 @@ def import_ahead(config: RunConfig) -> None:
         import torchvision.datasets  # noqa: F401  (download and inspection use torchvision)
 
 
+def recorded_run(start: Callable[[], State]) -> tuple[State, LocalServer | None]:
+    """A flow run that `start` makes (returning its final state), tagged with TAG, on the configured
+    Prefect server or else the local one (which is returned); once that server has recorded its end,
+    so that the UI link printed next shows it finished."""
+    quiet_known_failures()  # a known failure is its one line, printed after: no traceback in the log too
+    with local_server_settings() as server:
+        with tags(TAG):
+            state = start()
+        wait_until_recorded(state.state_details.flow_run_id)
+    return state, server
+
+
 def run(command: Command) -> int:
     """Run the flow once (or serve it) as the command line asks (flows/command_line.py).
 
@@ -101,21 +115,19 @@ def run(command: Command) -> int:
         if not PREFECT_API_URL.value():
             fail(ConfigError("--serve needs a Prefect server to schedule on: start one (prefect server start) "
                              "and set PREFECT_API_URL"))
-        serve_on_schedule(fashion, command.config.model_dump())
+        try:
+            serve_on_schedule(fashion, command.config.model_dump())
+        except Exception as error:  # noqa: BLE001  (the server unreachable, prefect.yaml missing: one line)
+            return command_failed("fashion.py", error)
         return 0
-    quiet_known_failures()
     try:
         # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
         with experiment_lock(command.config.run_dir):
             import_ahead(command.config)
-            with local_server_settings() as server:
-                with tags(TAG):
-                    state = fashion(**command.config.model_dump(), return_state=True)
-                wait_until_recorded(state.state_details.flow_run_id)
+            state, server = recorded_run(lambda: fashion(**command.config.model_dump(), return_state=True))
             result = state.result()
-    except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)
-        print(f"fashion.py: error: {one_line(error)}", file=sys.stderr)
-        return exit_status(error)
+    except Exception as error:  # noqa: BLE001  (every failure ends in its one line)
+        return command_failed("fashion.py", error)
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

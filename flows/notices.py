@@ -17,6 +17,7 @@ from prefect.automations import Automation, EventTrigger, Posture, SendNotificat
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, NotificationBlock, SlackWebhook
 
 from fashion_pipeline.flows.command_line import TAG
+from fashion_pipeline.tasks.plumbing.failures import command_failed
 
 BLOCK, AUTOMATION = "fashion-mnist-failures", "fashion-mnist run failed"
 FLOWS = ("fashion-mnist", "fashion-mnist-sweep")
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if not PREFECT_API_URL.value():
         print("notices.py: error: set PREFECT_API_URL to the server that runs the deployment", file=sys.stderr)
         return 2
-    automation = create_failure_notice(notification_block(args.webhook, args.slack))
+    try:
+        automation = create_failure_notice(notification_block(args.webhook, args.slack))
+    except Exception as error:  # noqa: BLE001  (the server unreachable, a bad URL: one line)
+        return command_failed("notices.py", error)
     print(f"Automation {automation.name!r} notifies block {BLOCK!r} when a run of {', '.join(FLOWS)} fails or crashes")
     return 0
 

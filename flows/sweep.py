@@ -26,19 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from prefect import flow, tags, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from fashion_pipeline.flows.command_line import TAG
-from fashion_pipeline.flows.fashion import mirror_of
+from fashion_pipeline.flows.fashion import mirror_of, recorded_run
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
 from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
-from fashion_pipeline.tasks.plumbing.failures import RunFailed, exit_status, one_line, quiet_known_failures
+from fashion_pipeline.tasks.plumbing.failures import RunFailed, command_failed, one_line
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
-from fashion_pipeline.tasks.plumbing.local_server import local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
 from fashion_pipeline.tasks.plumbing.transactions import own_transactions
 from fashion_pipeline.tasks.sweep.plan import Trial, rung_epochs
@@ -128,7 +126,8 @@ def at_epochs(trial: Trial, epochs: int, first: bool) -> Trial:
 
 def submit(trial: Trial, mirror: str | None) -> PrefectFuture:
     """Submit one configuration's pipeline to the cluster."""
-    # A GPU training asks Dask for a worker that offers one (`dask worker --resources GPU=1`).
+    # A CUDA configuration asks Dask for a worker that offers a GPU (`dask worker --resources GPU=1`;
+    # every worker of the local cluster, when the sweep trains on CUDA).
     gpu = device_type(trial.device) == "cuda"
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
         return configuration.submit(trial, mirror)
@@ -156,21 +155,19 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
 def run(trials: list[Trial], name: str, halving: int | None, dask_address: str | None, workers: int | None,
         dask_report: str | None) -> int:
     """Run the sweep of the checked `trials` (flows/sweep_command_line.py) and print its outcome; the exit status."""
-    runner = task_runner(dask_address, workers or min(len(trials), os.cpu_count() or 1), dask_report)
-    quiet_known_failures()
+    cuda = any(device_type(trial.device) == "cuda" for trial in trials)
+    # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
+    runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), os.cpu_count() or 1)), dask_report,
+                         gpu=cuda)
     try:
-        with local_server_settings():
-            with tags(TAG):
-                state = sweep.with_options(task_runner=runner)(name=name, trials=trials, halving=halving,
-                                                               return_state=True)
-            wait_until_recorded(state.state_details.flow_run_id)
+        state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(name=name, trials=trials, halving=halving,
+                                                                              return_state=True))
         summary = state.result()
     except SweepFailed as error:
         print(f"sweep.py: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # noqa: BLE001  (every failure ends in its one line; Prefect's log above has the rest)
-        print(f"sweep.py: error: {one_line(error)}", file=sys.stderr)
-        return exit_status(error)
+    except Exception as error:  # noqa: BLE001  (every failure ends in its one line)
+        return command_failed("sweep.py", error)
     best, sweep_dir = summary["best"], Path(summary["runs_dir"]) / name
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
           f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")

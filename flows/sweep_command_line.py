@@ -44,7 +44,9 @@ def json_value(kind: type) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's own options; the rest are flows/fashion.py's, as base values."""
     parser = argparse.ArgumentParser(
-        prog="sweep.py", description=__doc__.splitlines()[0], allow_abbrev=False,
+        prog="sweep.py", allow_abbrev=False,
+        description="The Fashion-MNIST pipeline once per configuration, in parallel on Dask; the best is named by "
+                    "validation accuracy.",
         epilog="Every option of `python flows/fashion.py --help` except --experiment and --serve (--preset included) "
                "sets a base value that the configurations start from.",
     )

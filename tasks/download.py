@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 from fashion_pipeline.tasks.config import is_url
 from fashion_pipeline.tasks.ml.dataset import decode
 from fashion_pipeline.tasks.plumbing.failures import PermanentError, TransientError, flat
-from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, md5_file
+from fashion_pipeline.tasks.plumbing.files import atomic_write, digest_json, made_folder, md5_file
 from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
 # torchvision's FashionMNIST.resources (a test checks that they agree), written out so that a cached
@@ -81,8 +81,8 @@ def download(data_dir: str, mirror: str | None = None) -> Written:
     manifest_path, facts = dataset_output(data_dir)
     files = facts["md5"]
     final_raw = manifest_path.parent / "raw"
-    final_raw.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=manifest_path.parent, prefix=".staging-") as staging:
+    # Staged beside the published files, on the same file system, so that publishing is a rename.
+    with made_folder(final_raw), tempfile.TemporaryDirectory(dir=manifest_path.parent, prefix=".staging-") as staging:
         staged_raw = Path(staging) / "FashionMNIST" / "raw"
         staged_raw.mkdir(parents=True)
         _stage_verified_copies(final_raw, staged_raw, files, strict=False)  # earlier downloads are not fetched again

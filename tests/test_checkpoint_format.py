@@ -48,8 +48,26 @@ def test_unusable_checkpoint_is_still_passed_over(tmp_path: Path) -> None:
     store.folder.mkdir()
     shutil.copyfile(FIXTURE, store.folder / "step-00000040.pt")
     torch.save({"model": {}}, store.folder / "step-00000080.pt")  # not a checkpoint
+    # Cut just short of its end: torch.load on such a file itself raises OSError (EINVAL).
+    (store.folder / "step-00000120.pt").write_bytes(FIXTURE.read_bytes()[:-10])
     path, state = store.latest()
     assert path.name == "step-00000040.pt" and state["format"] == FORMAT
+
+
+def test_unreadable_checkpoint_fails_instead_of_starting_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.folder.mkdir()
+    shutil.copyfile(FIXTURE, store.folder / "step-00000040.pt")
+
+    def unreadable(path: Path) -> bytes:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.latest()  # not None, which would make the training start over and delete its folder
+    assert (store.folder / "step-00000040.pt").exists()
 
 
 def test_model_file_is_lean(finished_run: tuple[Path, dict]) -> None:

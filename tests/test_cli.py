@@ -63,3 +63,17 @@ def test_ctrl_c_stops_the_run_and_its_helpers_at_once(
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         stop_local_server(Path(user_environment["PREFECT_HOME"]))
+
+
+@pytest.mark.parametrize("command", [[str(FLOW_SCRIPT), "--serve"],
+                                     [str(FLOW_SCRIPT.parent / "notices.py"), "--webhook", "http://127.0.0.1:9/x"]],
+                         ids=["--serve", "notices.py"])
+def test_an_unreachable_prefect_server_is_one_line(command: list[str], user_environment: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=user_environment | {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{Path(command[0]).name}: error: ConnectError")
+    assert "Traceback" not in done.stdout + done.stderr

@@ -90,6 +90,7 @@ def test_corrupted_local_mirror_names_the_file(synthetic_mirror: Path, tmp_path:
     with pytest.raises(DatasetChecksumError, match=f"{mirror / LABELS}: md5"):
         download(str(tmp_path / "data"), mirror=str(mirror))
     assert nothing_valid_left(tmp_path / "data")
+    assert not (tmp_path / "data").exists()  # a first download that failed leaves no empty folders either
 
 
 def test_earlier_download_is_used_offline(synthetic_mirror: Path, tmp_path: Path) -> None:

@@ -302,3 +302,33 @@ def test_halving_trains_the_expected_steps_and_resumes_after_sigkill(prefect_api
     assert again["rungs"] == summary["rungs"]
     trains = {entry["name"]: entry["stages"]["train"] for entry in again["configurations"]}
     assert trains == {name: "Cached" if name in second["trained"] else "Completed" for name in first["trained"]}
+
+
+def _worker_threads() -> tuple[str, int]:
+    import os
+
+    from fashion_pipeline.tasks.ml.devices import cpu_threads
+
+    return os.environ["OMP_NUM_THREADS"], cpu_threads(64)
+
+
+@pytest.mark.slow
+def test_local_cluster_offers_the_gpu_and_shares_out_the_cores(prefect_api_url: str) -> None:
+    """A CUDA configuration asks for `GPU=1`: on the local cluster it must find a worker offering it, not
+    wait forever; and each worker trains on its share of the cores, not on the one Dask would give it."""
+    import os
+
+    import dask
+    from prefect import flow, task
+
+    from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner
+
+    threads = task(_worker_threads)
+
+    @flow(task_runner=local_runner(1, gpu=True))  # one worker: every core is its share
+    def on_the_cluster() -> tuple[str, int]:
+        with dask.annotate(resources={"GPU": 1}):
+            return threads.submit().result(timeout=120)
+
+    cores = len(os.sched_getaffinity(0))
+    assert on_the_cluster() == (str(cores), cores)

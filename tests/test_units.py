@@ -170,6 +170,16 @@ def test_sweep_without_validation_is_refused(tmp_path: Path) -> None:
         plan("s", {"runs_dir": str(tmp_path), "validation_size": 0}, grid={"lr": [0.01, 0.1]})
 
 
+def test_sweep_command_without_validation_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    from fashion_pipeline.flows.sweep_command_line import main
+
+    status = main(["--grid", '{"lr": [0.01, 0.1]}', "--validation-size", "0", "--runs-dir", str(tmp_path / "runs"),
+                   "--data-dir", str(tmp_path / "data")])
+    assert status == 2
+    assert capsys.readouterr().err.startswith("sweep.py: error: --validation-size 0: a sweep picks its best")
+    assert not any(tmp_path.iterdir())  # nothing trained, downloaded or created
+
+
 def test_halving_rungs_promotion_and_refusals(tmp_path: Path) -> None:
     from fashion_pipeline.tasks.config import ConfigError
     from fashion_pipeline.tasks.sweep.plan import plan, rung_epochs

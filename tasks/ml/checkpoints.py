@@ -75,6 +75,12 @@ class CheckpointStore:
                 return path, load_checkpoint(path)
             except CheckpointFormatError:
                 raise  # a good checkpoint, newer than this code: never to be trained over
+            except FileNotFoundError:
+                continue  # gone since the folder was listed
+            except OSError:
+                # The disk, not the file (EIO, EACCES, a stale NFS handle): passing over every checkpoint
+                # would start the training over and delete them all; a retry, later, may read them.
+                raise
             except Exception as error:  # a truncated zip, a pickle error, wrong keys: all mean "unusable"
                 stage_logger().warning("Skipping unusable checkpoint %s: %s", path, flat(str(error))[:200])
         return None
@@ -138,7 +144,12 @@ def _serialised(value: dict[str, Any]) -> bytes:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    """A checkpoint or model file, as data only (`weights_only=True`: no code runs), onto the CPU."""
+    """A checkpoint or model file, as data only (`weights_only=True`: no code runs), onto the CPU.
+
+    Read whole, then parsed: torch.load on the file itself raises OSError for some truncated ones,
+    so here an OSError always means the disk (see CheckpointStore.latest).
+    """
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = path.read_bytes()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -61,17 +61,11 @@ def predict(exported: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     its hyperparameters say (with or without the test-time flip; a model.pt older than that option: without)."""
     net = model.build_model(exported["model_args"])
     net.load_state_dict(exported["model"])
-    net.eval()  # no dropout or batch-norm here, but evaluation must not depend on that
     mirrored = bool(exported["hyperparameters"].get("test_time_flip", False))
     torch.set_num_threads(cpu_threads(batches.INFERENCE_BATCH))
-    chunks = images.split(batches.INFERENCE_BATCH)
-    probabilities = []
-    with torch.no_grad(), closing(StepProgress("evaluate", total=len(chunks))) as progress:
-        for chunk in chunks:
-            log_p = model.log_probabilities(net, batches.normalise(chunk, "cpu"), mirrored)  # (B, C)
-            probabilities.append(log_p.exp())
-            progress.advance()
-    return torch.cat(probabilities)
+    total = batches.batch_count(len(images), batches.INFERENCE_BATCH)
+    with closing(StepProgress("evaluate", total=total)) as progress:
+        return model.predicted_log_probabilities(net, images, "cpu", mirrored, each=progress.advance).exp()
 
 
 def score(probabilities: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fashion_pipeline.tasks.ml import batches
 
 # The arguments of the Fashion-MNIST model: grey images, ten classes.
 MODEL_ARGS: dict[str, int] = {"in_channels": 1, "num_classes": 10}
@@ -52,3 +55,19 @@ def log_probabilities(net: nn.Module, inputs: torch.Tensor, mirrored: bool = Fal
     if mirrored:
         log_p = torch.logaddexp(log_p, torch.log_softmax(net(inputs.flip(3)), dim=1)) - math.log(2)
     return log_p
+
+
+def predicted_log_probabilities(net: nn.Module, images: torch.Tensor, device: torch.device | str, mirrored: bool,
+                                each: Callable[[], None] | None = None) -> torch.Tensor:
+    """`log_probabilities` (N, C) on `device` of uint8 images (N, 28, 28), in inference batches, with `net`
+    in eval mode and no gradients; `each` is called after every batch (a progress bar)."""
+    was_training = net.training
+    net.eval()
+    log_p = []
+    with torch.no_grad():
+        for chunk in images.split(batches.INFERENCE_BATCH):
+            log_p.append(log_probabilities(net, batches.normalise(chunk, device), mirrored))
+            if each:
+                each()
+    net.train(was_training)
+    return torch.cat(log_p)

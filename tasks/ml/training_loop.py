@@ -259,22 +259,16 @@ class TrainingLoop:
         figures.log(self.global_step, raw[:4].cpu().numpy(), probabilities.cpu().numpy(), targets[:4].cpu().numpy())
 
     def _validate(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Loss and accuracy on the held-out images (B, 28, 28), into `self.validation`.
+        """Loss and accuracy on the held-out uint8 images (N, 28, 28), into `self.validation`.
 
         No randomness is drawn and no state changes: a validated training trains the same weights.
         """
-        self.model.eval()
-        loss = correct = 0.0
-        with torch.no_grad():
-            for chunk, targets in zip(images.split(batches.INFERENCE_BATCH), labels.split(batches.INFERENCE_BATCH)):
-                inputs = batches.normalise(chunk, self.device)
-                log_p = model.log_probabilities(self.model, inputs, self.hp.test_time_flip)  # (B, C)
-                targets = targets.to(self.device)
-                # Plain cross-entropy, without the training's label smoothing. Note: a host sync per chunk.
-                loss += nn.functional.nll_loss(log_p, targets).item() * len(chunk)
-                correct += (log_p.argmax(dim=1) == targets).sum().item()
-        self.model.train()
-        self.validation = {"validation_loss": loss / len(images), "validation_accuracy": correct / len(images)}
+        log_p = model.predicted_log_probabilities(self.model, images, self.device, self.hp.test_time_flip)  # (N, C)
+        targets = labels.to(self.device)
+        # Plain cross-entropy, without the training's label smoothing.
+        loss = nn.functional.nll_loss(log_p, targets).item()
+        correct = (log_p.argmax(dim=1) == targets).sum().item()
+        self.validation = {"validation_loss": loss, "validation_accuracy": correct / len(images)}
 
     def _log_validation(self, writer: SummaryWriter) -> None:
         """The latest validation, at the epoch's last step."""

@@ -13,22 +13,29 @@ from prefect_dask import DaskTaskRunner
 DASK_LOG_LEVEL = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"  # Dask's setting: the level of its `distributed` loggers
 
 
-def local_runner(workers: int | None = None, report: str | None = None) -> DaskTaskRunner:
-    """A temporary Dask cluster on this machine: `workers` processes (default: one per CPU core), one thread each.
+def local_runner(workers: int | None = None, report: str | None = None, gpu: bool = False) -> DaskTaskRunner:
+    """A temporary Dask cluster on this machine: `workers` processes (default: one per core), one task at a time each.
 
-    Its dashboard listens on a free port of 127.0.0.1 (the log gives its address), so that sweeps
+    The cores are shared out: each worker's trainings use cores // workers threads (Dask would
+    otherwise pin each to one, through OMP_NUM_THREADS). With `gpu`, every worker offers this
+    machine's GPU as the resource `GPU=1` that CUDA trainings ask for (flows/sweep.py). Its
+    dashboard listens on a free port of 127.0.0.1 (the log gives its address), so that sweeps
     started side by side do not collide; `report` names a file for Dask's performance report.
 
     Processes rather than threads: training seeds the model's initial weights with torch.manual_seed,
     torch's process-wide generator, and sets torch's thread count for the process. Two trainings in
     threads of one process would interleave their draws from that generator and override each
     other's setting, so their weights would depend on timing; a process per running task keeps
-    every configuration's result the same as a run of flows/fashion.py with its parameters.
+    every configuration's result the same as a run of flows/fashion.py with its parameters on as
+    many threads.
     """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers or cores
     return DaskTaskRunner(
         cluster_class=local_cluster,
-        cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": "127.0.0.1:0"},
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": "127.0.0.1:0", "resources": {"GPU": 1} if gpu else None,
+                        "env": {"OMP_NUM_THREADS": str(max(1, cores // workers))}},
         performance_report_path=report,
     )
 
@@ -47,12 +54,12 @@ def local_cluster(**options: Any) -> LocalCluster:
     # nannies, in this process, have read Dask's settings already.
     level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
     logging.getLogger("distributed").setLevel(level.upper())
-    return LocalCluster(**options, env={"PREFECT_API_URL": str(api_url)})
+    return LocalCluster(**options | {"env": options.get("env", {}) | {"PREFECT_API_URL": str(api_url)}})
 
 
-def task_runner(dask_address: str | None, workers: int | None, report: str | None = None) -> DaskTaskRunner:
-    """The existing Dask cluster at `dask_address`, else a local one; `report` names a file for Dask's
-    performance report."""
+def task_runner(dask_address: str | None, workers: int, report: str | None = None, gpu: bool = False) -> DaskTaskRunner:
+    """The existing Dask cluster at `dask_address`, else a local one of `workers` processes (offering
+    this machine's GPU with `gpu`); `report` names a file for Dask's performance report."""
     if dask_address:
         return DaskTaskRunner(address=dask_address, performance_report_path=report)
-    return local_runner(workers, report)
+    return local_runner(workers, report, gpu)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,12 @@ def exit_status(error: BaseException) -> int:
 
     cause = error.__cause__ if isinstance(error, RunFailed) else error
     return 2 if isinstance(cause, ConfigError) else 1
+
+
+def command_failed(program: str, error: BaseException) -> int:
+    """Print a command's failure as its one line on stderr (Prefect's log above has the rest); its exit status."""
+    print(f"{program}: error: {one_line(error)}", file=sys.stderr)
+    return exit_status(error)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -21,6 +21,24 @@ def nearest_existing(folder: Path) -> Path:
     return folder
 
 
+@contextmanager
+def made_folder(folder: Path) -> Iterator[None]:
+    """Create `folder` and its missing parents for the block; afterwards remove those it created that
+    are empty (a run that failed before its first output leaves no empty folder behind)."""
+    existing = nearest_existing(folder)
+    created = [path for path in (Path(folder).absolute(), *Path(folder).absolute().parents)
+               if path != existing and existing in path.parents]  # deepest first
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: kept, and so are its parents
+                break
+
+
 def _file_digest(path: Path, algorithm: str) -> str:
     with open(path, "rb") as stream:
         return hashlib.file_digest(stream, algorithm).hexdigest()  # block by block: flat memory for any size

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from fashion_pipeline.tasks.plumbing.failures import PermanentError
-from fashion_pipeline.tasks.plumbing.files import nearest_existing
+from fashion_pipeline.tasks.plumbing.files import made_folder
 
 
 class ExperimentBusyError(PermanentError):
@@ -36,31 +36,24 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
     if key in _held:
         yield
         return
-    existing = nearest_existing(Path(run_dir))
-    created = [folder for folder in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents)
-               if folder != existing and existing in folder.parents]  # deepest first
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    lock_path = Path(run_dir) / ".lock"
-    handle = _locked(lock_path)
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        _held.add(key)
+    with made_folder(Path(run_dir)):
+        lock_path = Path(run_dir) / ".lock"
+        handle = _locked(lock_path)
         try:
-            yield
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            _held.add(key)
+            try:
+                yield
+            finally:
+                _held.discard(key)
+                if [path.name for path in Path(run_dir).iterdir()] == [".lock"]:
+                    # While still locked: a run that opened it meanwhile sees it gone, and retries.
+                    lock_path.unlink()
         finally:
-            _held.discard(key)
-            if [path.name for path in Path(run_dir).iterdir()] == [".lock"]:
-                lock_path.unlink()  # while still locked: a run that opened it meanwhile sees it gone, and retries
-                for folder in created:
-                    try:
-                        folder.rmdir()
-                    except OSError:  # no longer empty: another run uses it
-                        break
-    finally:
-        handle.close()  # releases the lock
+            handle.close()  # releases the lock
 
 
 def _locked(lock_path: Path) -> IO[str]:

@@ -44,7 +44,7 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
         raise ConfigError("give either a grid or a list of configurations")
     if "experiment" in base:
         raise ConfigError("--experiment is set per configuration by the sweep; name the sweep with --name")
-    base = shared_folders({"validation_size": VALIDATION_SIZE} | base, name)
+    base = shared_values({"validation_size": VALIDATION_SIZE} | base, name)
     if not base["validation_size"]:
         raise ConfigError("--validation-size 0: a sweep picks its best configuration on held-out training images, "
                           f"never on the test set; give --validation-size N (default {VALIDATION_SIZE})")
@@ -101,8 +101,9 @@ def rung_epochs(epochs: int, eta: int | None) -> list[int]:
     return budgets
 
 
-def shared_folders(base: dict[str, Any], name: str) -> dict[str, Any]:
-    """`base` checked with the sweep's name, its folders (and a local mirror) made absolute.
+def shared_values(base: dict[str, Any], name: str) -> dict[str, Any]:
+    """`base` checked with the sweep's name: its folders (and a local mirror) made absolute, its
+    validation size parsed (the command line gives text).
 
     Workers elsewhere, or started in another folder, must find the same runs and data folders.
     """
@@ -110,10 +111,11 @@ def shared_folders(base: dict[str, Any], name: str) -> dict[str, Any]:
         shared = parse_config(base | {"experiment": name})
     except ConfigError as error:
         raise ConfigError(str(error).replace("--experiment", "--name", 1)) from None
-    folders = {"runs_dir": os.path.abspath(shared.runs_dir), "data_dir": os.path.abspath(shared.data_dir)}
+    parsed = {"runs_dir": os.path.abspath(shared.runs_dir), "data_dir": os.path.abspath(shared.data_dir),
+              "validation_size": shared.validation_size}
     if shared.mirror and not is_url(shared.mirror):
-        folders["mirror"] = os.path.abspath(shared.mirror)
-    return base | folders
+        parsed["mirror"] = os.path.abspath(shared.mirror)
+    return base | parsed
 
 
 def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ METRIC, REPORTED = "validation_accuracy", "test_accuracy"
 
 
 def promote(entries: list[dict[str, Any]], eta: int) -> list[str]:
-    """The names of the best 1/`eta` of a rung's completed configurations by validation accuracy (at least one)."""
+    """The names of the rung's best completed configurations by validation accuracy: 1/`eta` of all it
+    trained (at least one), so that a failed configuration takes no other one's place."""
     completed = [entry for entry in entries if entry["state"] == "Completed"]
     ranked = sorted(completed, key=lambda entry: -entry[METRIC])  # stable: the first of equals first
     return [entry["name"] for entry in ranked[: max(1, len(entries) // eta)]]
