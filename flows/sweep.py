@@ -19,7 +19,6 @@ if __name__ == "__main__":  # the same as the `fashion-sweep` command
     sys.exit(main())
 
 import contextlib
-import os
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from prefect.futures import PrefectFuture
 
 from fashion_pipeline.flows.fashion import mirror_of, recorded_run
 from fashion_pipeline.tasks.download import download
-from fashion_pipeline.tasks.ml.devices import device_type
+from fashion_pipeline.tasks.ml.devices import device_type, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
 from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
 from fashion_pipeline.tasks.plumbing.failures import RunFailed, command_failed, one_line
@@ -124,12 +123,16 @@ def at_epochs(trial: Trial, epochs: int, first: bool) -> Trial:
     return replace(trial, config=trial.config.model_copy(update={"epochs": epochs, "refresh": refresh}))
 
 
+def on_cuda(trial: Trial) -> bool:
+    """Whether the configuration trains on a CUDA GPU, which it then has to itself."""
+    return device_type(trial.device) == "cuda"
+
+
 def submit(trial: Trial, mirror: str | None) -> PrefectFuture:
     """Submit one configuration's pipeline to the cluster."""
     # A CUDA configuration asks Dask for a worker that offers a GPU (`dask worker --resources GPU=1`;
     # every worker of the local cluster, when the sweep trains on CUDA).
-    gpu = device_type(trial.device) == "cuda"
-    with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
+    with dask.annotate(resources={"GPU": 1}) if on_cuda(trial) else contextlib.nullcontext():
         return configuration.submit(trial, mirror)
 
 
@@ -155,9 +158,9 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
 def run(trials: list[Trial], name: str, halving: int | None, dask_address: str | None, workers: int | None,
         dask_report: str | None) -> int:
     """Run the sweep of the checked `trials` (flows/sweep_command_line.py) and print its outcome; the exit status."""
-    cuda = any(device_type(trial.device) == "cuda" for trial in trials)
+    cuda = any(on_cuda(trial) for trial in trials)
     # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
-    runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), os.cpu_count() or 1)), dask_report,
+    runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
                          gpu=cuda)
     try:
         state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(name=name, trials=trials, halving=halving,

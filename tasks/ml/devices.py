@@ -15,6 +15,11 @@ def device_type(device: str) -> str:
     return device.partition(":")[0]
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, as in a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(batch_size: int) -> int:
     """Threads for CPU work on batches of `batch_size`.
 
@@ -23,9 +28,8 @@ def cpu_threads(batch_size: int) -> int:
     """
     if batch_size <= 16:
         return 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     first = (os.environ.get("OMP_NUM_THREADS") or "").split(",")[0].strip()  # OpenMP allows "4,2"
-    return int(first) if first.isdigit() and int(first) > 0 else usable
+    return int(first) if first.isdigit() and int(first) > 0 else usable_cores()
 
 
 def resolve_device(requested: str) -> str:

@@ -10,6 +10,8 @@ from distributed import LocalCluster
 from prefect import get_client
 from prefect_dask import DaskTaskRunner
 
+from fashion_pipeline.tasks.ml.devices import usable_cores
+
 DASK_LOG_LEVEL = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"  # Dask's setting: the level of its `distributed` loggers
 
 
@@ -29,7 +31,7 @@ def local_runner(workers: int | None = None, report: str | None = None, gpu: boo
     every configuration's result the same as a run of flows/fashion.py with its parameters on as
     many threads.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     workers = workers or cores
     return DaskTaskRunner(
         cluster_class=local_cluster,
