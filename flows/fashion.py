@@ -29,6 +29,7 @@ from fashion_pipeline.tasks.ml.devices import resolve_device
 from fashion_pipeline.tasks.plumbing.failures import command_failed, ending_the_run, quiet_known_failures
 from fashion_pipeline.tasks.plumbing.local_server import LocalServer, local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+from fashion_pipeline.tasks.plumbing.storage import local_path
 from fashion_pipeline.tasks.pipeline import run_pipeline
 
 MIRROR_VARIABLE = "fashion_mnist_mirror"
@@ -85,7 +86,7 @@ def import_ahead(config: RunConfig) -> None:
     import prefect.flow_engine  # noqa: F401  (a flow run's first call imports Prefect's engines)
     import prefect.task_engine  # noqa: F401
 
-    if not (config.run_dir / "metrics.json").is_file():  # a new or unfinished experiment: its stages will run
+    if not (local_path(config.run_dir) / "metrics.json").is_file():  # a new or unfinished experiment, or a new machine
         import torch._dynamo  # noqa: F401  (torch's optimizers import it when first built)
         import torchvision.datasets  # noqa: F401  (download and inspection use torchvision)
 

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # the same as the `fashion-sweep` command
     sys.exit(main())
 
 import contextlib
+import uuid
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -27,12 +28,15 @@ from typing import Any
 import dask
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
 from fashion_pipeline.flows.fashion import mirror_of, recorded_run
+from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type, usable_cores
-from fashion_pipeline.tasks.pipeline import StageRunner, run_pipeline
+from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
 from fashion_pipeline.tasks.plumbing.failures import RunFailed, command_failed, one_line
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
@@ -82,13 +86,15 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     when a configuration failed (its retries spent).
     """
     shared = trials[0].config
-    sweep_dir = Path(shared.runs_dir) / name
+    sweep_dir = storage.join(shared.runs_dir, name)
     with ExitStack() as locks:
         for folder in (sweep_dir, *(trial.config.run_dir for trial in trials)):
             locks.enter_context(experiment_lock(folder))
+        check_shared_folders({"--runs-dir": sweep_dir, "--data-dir": shared.data_dir})
         mirror = mirror_of(shared)
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
-        download.task(data_dir=shared.data_dir, mirror=mirror, refresh="download" in shared.refresh)
+        in_store(download.task, shared.data_dir)(data_dir=shared.data_dir, mirror=mirror,
+                                                 refresh="download" in shared.refresh)
         latest: dict[str, dict[str, Any]] = {}  # each configuration's entry at the last rung it reached
         rungs, alive = [], trials
         for epochs in rung_epochs(shared.epochs, halving):
@@ -104,13 +110,59 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
             alive = [trial for trial in alive if trial.name in promoted]
         entries = [latest[trial.name] for trial in trials]
         summary = summarise(name, trials, entries) | ({"halving": halving, "rungs": rungs} if halving else {})
-        atomic_write_json(sweep_dir / "sweep.json", summary)
+        storage.publish_files([atomic_write_json(storage.local_path(sweep_dir) / "sweep.json", summary)])
         publish_table(name, entries)
     failed = [entry for entry in entries if entry["state"] != "Completed"]
     if failed:
         raise SweepFailed(f"{len(failed)} of {len(entries)} configurations failed ({failed[0]['name']}: "
-                          f"{failed[0]['error']}); see {sweep_dir / 'sweep.json'}")
+                          f"{failed[0]['error']}); see {storage.join(sweep_dir, 'sweep.json')}")
     return summary
+
+
+def check_shared_folders(folders: dict[str, str]) -> None:
+    """A ConfigError, before any training, unless every Dask worker sees these local folders as this
+    process does: a probe written here must be read there. Folders in a store need no probe.
+
+    Without it, a worker on a machine without the shared disk would write its outputs where this
+    process never looks, or fail on a missing dataset with an error that blames something else.
+
+    Args:
+        folders: the option that names each folder ("--runs-dir") -> the folder.
+    """
+    local = {flag: Path(folder) for flag, folder in folders.items() if not storage.is_remote(folder)}
+    client = getattr(FlowRunContext.get().task_runner, "client", None)  # DaskTaskRunner's
+    if not local or client is None:
+        return
+    token = uuid.uuid4().hex
+    probes = {flag: folder / f".probe-{token}" for flag, folder in local.items()}
+    for probe in probes.values():
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(probe, token)
+    try:
+        unseen = client.run(_unseen_probes, [str(probe) for probe in probes.values()], token)
+    finally:
+        for probe in probes.values():
+            probe.unlink(missing_ok=True)
+    for worker, missing in sorted(unseen.items()):
+        for flag, probe in probes.items():
+            if str(probe) in missing:
+                raise ConfigError(f"{flag} {local[flag]}: Dask worker {worker} does not see this folder as this machine "
+                                  "does; mount it at the same path on every worker, or use a store URL (s3://, gs://)")
+
+
+def _unseen_probes(probes: list[str], token: str) -> list[str]:
+    """On a worker: the probes it cannot read, or whose content is not the client's."""
+    import json
+
+    unseen = []
+    for probe in probes:
+        try:
+            seen = json.loads(Path(probe).read_text()) == token
+        except (OSError, ValueError):
+            seen = False
+        if not seen:
+            unseen.append(probe)
+    return unseen
 
 
 def at_epochs(trial: Trial, epochs: int, first: bool) -> Trial:
@@ -140,10 +192,14 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
     """One configuration's line in sweep.json: its result, or the stage that failed and why."""
     future.wait()
     entry: dict[str, Any] = {"name": trial.name, "experiment": trial.config.experiment, "values": trial.values,
-                             "epochs": trial.config.epochs, "run_dir": str(trial.config.run_dir)}
+                             "epochs": trial.config.epochs, "run_dir": trial.config.run_dir}
     state = future.state
     if state.is_completed():
         result = future.result()
+        if not storage.exists(storage.join(trial.config.run_dir, "metrics.json")):
+            return entry | {"stages": result["stages"], "state": "Failed", "error": (
+                f"configuration: its outputs are not in {trial.config.run_dir} as this machine sees it: the worker "
+                "wrote them to a folder of its own; share the folder, or use a store URL")}
         return entry | {"stages": result["stages"], "state": "Completed", METRIC: result[METRIC],
                         REPORTED: result[REPORTED], "mean_ap": result["mean_ap"], "train_dir": result["train_dir"]}
     if state.is_final():
@@ -171,9 +227,9 @@ def run(trials: list[Trial], name: str, halving: int | None, dask_address: str |
         return 1
     except Exception as error:  # noqa: BLE001  (every failure ends in its one line)
         return command_failed("sweep.py", error)
-    best, sweep_dir = summary["best"], Path(summary["runs_dir"]) / name
+    best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], name)
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
           f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
-    print(f"Comparison: {sweep_dir / 'sweep.json'}")
+    print(f"Comparison: {storage.join(sweep_dir, 'sweep.json')}")
     print(f"Open TensorBoard: tensorboard --logdir {sweep_dir}")
     return 0

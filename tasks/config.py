@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.files import nearest_existing
 
 STAGES = ("download", "inspect", "graph", "train", "checkpoint", "evaluate")
@@ -19,8 +20,10 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Each parameter's type, bounds and help text live here once; the flow's signature and
 # RunConfig both use these aliases, so the CLI, the flow and the deployment schema agree.
 Experiment = Annotated[str, Field(min_length=1, description="Name of the run directory under --runs-dir.")]
-RunsDir = Annotated[str, Field(min_length=1, description="Folder that holds one TensorBoard run per experiment.")]
-DataDir = Annotated[str, Field(min_length=1, description="Folder for the Fashion-MNIST files and their decoded cache.")]
+RunsDir = Annotated[str, Field(min_length=1, description="Folder that holds one TensorBoard run per experiment: a path "
+                                                         "or a store URL (s3://bucket/runs, gs://..., file://...).")]
+DataDir = Annotated[str, Field(min_length=1, description="Folder for the Fashion-MNIST files and their decoded cache: a "
+                                                         "path or a store URL.")]
 Epochs = Annotated[int, Field(ge=1, le=1000, description="Passes over the training set.")]
 BatchSize = Annotated[int, Field(ge=1, le=65536, description="Training images per optimizer step.")]
 LearningRate = Annotated[float, Field(gt=0, le=10, description="Learning rate (the one-cycle peak with --schedule onecycle).")]
@@ -99,6 +102,11 @@ class RunConfig(BaseModel):
             raise ValueError(f"{name!r} must be a relative name inside the runs dir, without '..'")
         return name
 
+    @field_validator("runs_dir", "data_dir")
+    @classmethod
+    def _plain_location(cls, location: str) -> str:
+        return storage.plain(location)  # file:///x is the folder /x: the fast path
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
@@ -126,10 +134,18 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _folders_usable(self) -> RunConfig:
         for flag, folder in (("--data-dir", self.data_dir), ("--runs-dir", self.runs_dir)):
+            if storage.is_remote(folder):
+                try:
+                    storage.check(folder)
+                except storage.StoreError as error:
+                    raise ValueError(f"{flag} {folder}: {error}") from None
+                continue
             if os.path.exists(folder) and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {folder!r} is a file, not a folder")
             if problem := _unwritable(Path(folder)):
                 raise ValueError(f"{flag} {folder!r} {problem}")
+        if storage.is_remote(self.runs_dir):
+            return self
         limit = _name_limit(nearest_existing(Path(self.runs_dir)))
         if longest := max((part for part in Path(self.experiment).parts if len(part.encode()) > limit), default=None):
             raise ValueError(f"--experiment: {longest[:20]!r}... is {len(longest.encode())} bytes long, more than a "
@@ -140,9 +156,9 @@ class RunConfig(BaseModel):
         return self
 
     @property
-    def run_dir(self) -> Path:
-        """The experiment's run directory, `<runs-dir>/<experiment>`."""
-        return Path(self.runs_dir) / self.experiment
+    def run_dir(self) -> str:
+        """The experiment's run directory, `<runs-dir>/<experiment>`: a path, or a URL in a store."""
+        return storage.join(self.runs_dir, self.experiment)
 
     @property
     def source(self) -> str | None:

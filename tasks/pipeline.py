@@ -8,6 +8,7 @@ nested in that flow or task run.
 from __future__ import annotations
 
 from inspect import signature
+from pathlib import PurePosixPath
 from typing import Any
 
 from prefect import Task
@@ -21,6 +22,7 @@ from fashion_pipeline.tasks.graph import graph
 from fashion_pipeline.tasks.inspect import inspect
 from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.report import report_task
 from fashion_pipeline.tasks.train import train
 
@@ -55,8 +57,9 @@ def run_pipeline(config: RunConfig, device: str, mirror: str | None, run: StageR
         run: runs the stages and keeps their states (by default, a new StageRunner for `config`).
     """
     run = run or StageRunner(config.refresh)
-    run_dir = str(config.run_dir)
-    dataset = run(download.task, data_dir=config.data_dir, mirror=mirror)  # shared by experiments: not for_run
+    run_dir = config.run_dir
+    dataset = run(in_store(download.task, config.data_dir), data_dir=config.data_dir, mirror=mirror)  # not for_run:
+    # the dataset is shared by experiments
     run(for_run(inspect.task, config), dataset=dataset, run_dir=run_dir, seed=config.seed)
     run(for_run(graph.task, config), run_dir=run_dir)
     training = run(
@@ -71,8 +74,17 @@ def run_pipeline(config: RunConfig, device: str, mirror: str | None, run: StageR
 
 
 def for_run(task: Task, config: RunConfig, *tags: str) -> Task:
-    """`task` as the Prefect UI should show it for this run: "train lr=0.01", "evaluate nightly"; with `tags`."""
-    return task.with_options(task_run_name=f"{task.name} {config.run_dir.name}", tags={*task.tags, *tags})
+    """`task` as the Prefect UI should show it for this run: "train lr=0.01", "evaluate nightly"; with `tags`;
+    its cache records beside the runs."""
+    return in_store(task, config.runs_dir).with_options(task_run_name=f"{task.name} {PurePosixPath(config.experiment).name}",
+                                                        tags={*task.tags, *tags})
+
+
+def in_store(task: Task, location: str) -> Task:
+    """`task` keeping its cache records in the store of `location`, where that is a store, so that every
+    machine finds a finished stage `Cached`; else in the Prefect home, as Prefect does by default."""
+    records = storage.result_storage(location)
+    return task if records is None else task.with_options(result_storage=records)
 
 
 def accelerator_tag(device: str) -> tuple[str, ...]:

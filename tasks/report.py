@@ -16,36 +16,37 @@ from prefect.context import TaskRunContext
 from fashion_pipeline.tasks.config import RunConfig
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
-from fashion_pipeline.tasks.plumbing.files import (
-    atomic_write, atomic_write_json, digest_json, read_manifest, write_manifest,
-)
+from fashion_pipeline.tasks.plumbing import storage
+from fashion_pipeline.tasks.plumbing.files import atomic_write, atomic_write_json, digest_json, write_manifest
 from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
 
 HPARAM_FIELDS = tuple(field.name for field in fields(Hyperparameters))  # what decides the weights
 HPARAM_METRICS = ("test_accuracy", "mean_ap", "validation_accuracy", "validation_loss")  # those a run has
 
 
-def report(config: RunConfig, device: str, evaluation: Path, stages: dict[str, str]) -> dict[str, Any]:
+def report(config: RunConfig, device: str, evaluation: Path | str, stages: dict[str, str]) -> dict[str, Any]:
     """Publish the run's result and return it.
 
     Args:
         config: the run's parameters.
         device: the device that trained.
-        evaluation: the evaluation manifest; its folder is the training's folder.
+        evaluation: the evaluation manifest (a path, or a URL in a store); its folder is the training's folder.
         stages: each stage's final Prefect state name ("Completed", "Cached").
 
     Returns:
         `<run>/metrics.json`'s content: the evaluation's metrics, the validation's (where the training
         held images out), and where the outputs are.
     """
-    train_dir = Path(evaluation).parent
+    train_dir = storage.fetched_manifest(evaluation).parent
+    run_dir = storage.local_path(config.run_dir)
     metrics = json.loads((train_dir / "metrics.json").read_text())
-    metrics |= json.loads((train_dir / "training.json").read_text()).get("validation") or {}
-    result = {**metrics, "run_dir": str(config.run_dir), "train_dir": str(train_dir), "device": device,
+    training = storage.fetched_manifest(train_dir / "training.json")
+    metrics |= json.loads(training.read_text()).get("validation") or {}
+    result = {**metrics, "run_dir": config.run_dir, "train_dir": storage.location_of(train_dir), "device": device,
               "parameters": config.model_dump(), "stages": stages}
-    atomic_write_json(config.run_dir / "metrics.json", result)
     summary = (train_dir / "summary.png").read_bytes()
-    atomic_write(config.run_dir / "summary.png", lambda stream: stream.write(summary))
+    storage.publish_files([atomic_write(run_dir / "summary.png", lambda stream: stream.write(summary)),
+                           atomic_write_json(run_dir / "metrics.json", result)])
     log_to_tensorboard(train_dir, config, device, metrics)
     if TaskRunContext.get() is not None:
         publish_artifacts(config, result)
@@ -62,7 +63,7 @@ def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics:
     text = "```json\n" + json.dumps(config.model_dump(), indent=2) + "\n```"
     manifest_path = train_dir / "report.json"
     facts = {"inputs": digest_json([values, results, text, metrics["global_step"]])}
-    if read_manifest(manifest_path, **facts):
+    if storage.read_verified(manifest_path, **facts):
         return
     from torch.utils.tensorboard.summary import hparams
 
@@ -72,7 +73,8 @@ def log_to_tensorboard(train_dir: Path, config: RunConfig, device: str, metrics:
         for tag, value in results.items():
             writer.add_scalar(tag, value, metrics["global_step"])
         writer.add_text("config", text, metrics["global_step"])
-    write_manifest(manifest_path, event_files(train_dir, "report"), **facts)
+    events = event_files(train_dir, "report")
+    storage.publish(write_manifest(manifest_path, events, **facts), events)
 
 
 def artifact_key(name: str) -> str:
@@ -112,4 +114,4 @@ def summary_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-report_task = task(report, name="report", cache_policy=NO_CACHE)
+report_task = task(report, name="report", cache_policy=NO_CACHE, persist_result=False)

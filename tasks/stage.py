@@ -11,6 +11,10 @@ A stage module holds its work and nothing else:
 `graph(run_dir)` is then the plain function, runnable without Prefect: it returns the manifest's path
 at once when the manifest already vouches for this output, and otherwise does the work and writes
 the manifest (last, atomically). `graph.task` is the Prefect task around it.
+
+Runs and data may live in a store (tasks/plumbing/storage.py): a stage's inputs and outputs are then
+URLs, the work runs on their local mirror, the inputs' manifests are fetched before it and its output
+is published after it. The work itself only ever sees local paths.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.runtime import task_run
 
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.cache_locks import FlockLockManager
 from fashion_pipeline.tasks.plumbing.failures import retry_transient
-from fashion_pipeline.tasks.plumbing.files import Written, digest_json, read_manifest, sha256_file, write_manifest
+from fashion_pipeline.tasks.plumbing.files import Written, digest_json, sha256_file, write_manifest
 
 PACKAGE = __name__.rpartition(".")[0]  # the stages' package: `code` names modules relative to it
 # A stage's manifest path and the facts it must record for given inputs: what tells a finished,
@@ -80,7 +85,8 @@ class Stage:
 
     The manifest records, besides the work's own facts, those of `output` for the inputs and the
     digest of the stage's code: a manifest that records other inputs or code, or whose files are
-    missing or altered, does not vouch, and the work runs again.
+    missing or altered, does not vouch, and the work runs again. The work's parameters annotated
+    `Path` are upstream manifests: they are fetched (from a store) before use, and keyed by content.
     """
 
     def __init__(self, work: Callable[..., Written], name: str, output: Callable[..., StageOutput],
@@ -88,6 +94,8 @@ class Stage:
         self.work, self.name, self.output, self.ignore = work, name, output, ignore
         self.code = source_digest(*(f"{PACKAGE}.{module}" for module in code), work.__module__)
         signature = inspect.signature(work)
+        self.manifests = frozenset(name for name, parameter in signature.parameters.items()
+                                   if parameter.annotation in (Path, "Path"))
         self._work_takes_refresh = "refresh" in signature.parameters
         if not self._work_takes_refresh:
             refresh = inspect.Parameter("refresh", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
@@ -98,25 +106,39 @@ class Stage:
         self.__signature__ = signature
         self.task = _as_task(self, serializable, options)
 
+    def fetched(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with each upstream manifest as a local path, fetched with its files where it is in a store."""
+        return {name: storage.fetched_manifest(value) if name in self.manifests else value
+                for name, value in inputs.items()}
+
     def expected(self, **inputs: Any) -> StageOutput:
-        """The manifest these inputs lead to, and every fact it must record to vouch for them."""
-        manifest, facts = self.output(**inputs)
+        """The manifest these (fetched) inputs lead to, and every fact it must record to vouch for them."""
+        manifest, facts = self.output(**_here(inputs))
         return manifest, facts | {"code": self.code}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+    def __call__(self, *args: Any, **kwargs: Any) -> Path | str:
         """Return the manifest that vouches for these inputs' output, doing the work first where none does.
 
-        `refresh=True` does the work even when the manifest vouches.
+        `refresh=True` does the work even when the manifest vouches. The manifest comes back as a
+        path, or as a URL where the output is in a store.
         """
         call = self.signature.bind(*args, **kwargs)
         call.apply_defaults()
-        inputs = dict(call.arguments)
+        inputs = self.fetched(dict(call.arguments))
         refresh = inputs["refresh"] if self._work_takes_refresh else inputs.pop("refresh")
         manifest, facts = self.expected(**inputs)
-        if not refresh and read_manifest(manifest, **facts):
-            return manifest
-        written = self.work(**inputs)
-        return write_manifest(manifest, written.files, **written.facts, **facts)
+        if not refresh and storage.read_verified(manifest, **facts):
+            return storage.portable(manifest)
+        written = self.work(**_here(inputs))
+        path = write_manifest(manifest, written.files, **written.facts, **facts)
+        storage.publish(path, written.files)
+        return storage.portable(path)
+
+
+def _here(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` with each store URL (a run or data folder) as its local mirror's path."""
+    return {name: str(storage.local_path(value)) if isinstance(value, str) and storage.is_remote(value) else value
+            for name, value in inputs.items()}
 
 
 def stage(name: str, *, output: Callable[..., StageOutput], code: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
@@ -154,12 +176,14 @@ class StageCache(CachePolicy):
     ) -> str | None:
         if inputs.get("refresh"):
             return None
+        inputs = self.stage.fetched(inputs)
         key = f"{self.stage.name}-{digest_json([self.stage.code, input_digest(inputs, self.stage.ignore)])[:32]}"
         # Only a cached record can hand on a stale path; without one the task runs, and the stage
-        # itself checks the manifest: it is read once either way.
+        # itself checks the manifest: it is read once either way. Read from a store, it is fetched
+        # here with its files, so that a machine that did not run the stage finds it `Cached`.
         if task_ctx.result_store.exists(key):
             manifest, facts = self.stage.expected(**inputs)
-            if read_manifest(manifest, **facts) is None:
+            if storage.read_verified(manifest, **facts) is None:
                 return None
         return key
 
@@ -168,7 +192,7 @@ def _as_task(stage: Stage, serializable: bool, options: dict[str, Any]) -> Task:
     """The Prefect task of `stage`, cached by StageCache; `refresh` holds on its first attempt only."""
 
     @functools.wraps(stage)
-    def attempt(*args: Any, **kwargs: Any) -> Path:
+    def attempt(*args: Any, **kwargs: Any) -> Path | str:
         call = stage.signature.bind(*args, **kwargs)
         call.arguments["refresh"] = call.arguments.get("refresh", False) and task_run.run_count <= 1  # a retry resumes
         return stage(*call.args, **call.kwargs)

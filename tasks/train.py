@@ -11,24 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from fashion_pipeline.tasks.ml.dataset import fingerprint
-from fashion_pipeline.tasks.ml.devices import cpu_threads, device_type
+from fashion_pipeline.tasks.ml.devices import device_type
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.files import digest_json
 from fashion_pipeline.tasks.stage import StageOutput, Written, stage
 
 TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cached rerun never imports torch
 # The modules that decide the weights, besides this one: part of each training's key.
 TRAINING_MODULES = ("ml.model", "ml.batches", "ml.hyperparameters", "ml.training_loop")
+# What a training folder holds while it trains: in a store, these are published at every checkpoint.
+TRAINING_FILES = ["key.json", "checkpoints/step-*.pt", "events.out.tfevents.*.training"]
 
 
 def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, device: str, **_: object) -> Path:
     """`<run>/train-<key>`: one folder, and one TensorBoard run, per set of weights-deciding inputs.
 
     The key covers the hyperparameters, the dataset's fingerprint, the device type, the code of the
-    model, the batching and the loop, torch's version, and on the CPU the thread count where more
-    than one thread splits the work (and so the order of floating-point sums); so a new learning
-    rate, a torch upgrade or another machine's core count trains into a new folder and never mixes
-    its curve, or its resume, with another training's.
+    model, the batching and the loop, and torch's version; so a new learning rate or a torch upgrade
+    trains into a new folder and never mixes its curve, or its resume, with another training's. The
+    CPU thread count is not in it: a training keeps the count it started with (in its checkpoints),
+    so it resumes bitwise on a machine with other cores.
     """
     return keyed_folder(run_dir, training_key(dataset, hyperparameters, device))
 
@@ -40,10 +43,8 @@ def keyed_folder(run_dir: str, key: dict[str, Any]) -> Path:
 
 def training_key(dataset: Path, hyperparameters: Hyperparameters, device: str) -> dict[str, Any]:
     """What decides a training's weights, as JSON values: its folder's name is their digest."""
-    kind = device_type(device)
-    threads = cpu_threads(hyperparameters.batch_size) if kind == "cpu" else 1
-    return {"hyperparameters": asdict(hyperparameters), "dataset": fingerprint(dataset), "device_type": kind,
-            "code": train.code, "torch": TORCH_VERSION, "threads": threads}
+    return {"hyperparameters": asdict(hyperparameters), "dataset": fingerprint(dataset),
+            "device_type": device_type(device), "code": train.code, "torch": TORCH_VERSION}
 
 
 def training_output(**inputs: Any) -> StageOutput:
@@ -86,5 +87,9 @@ def train(
     )
 
     key = training_key(dataset, hyperparameters, device)
-    return run_training(dataset, keyed_folder(run_dir, key), key, hyperparameters, device, log_every,
-                        checkpoint_every, refresh)
+    out = keyed_folder(run_dir, key)
+    # In a store, the store's copy of the run's trainings is the truth: this one's checkpoints to resume
+    # from (written on any machine), and the shorter ones it may continue.
+    storage.pull(Path(run_dir), [f"train-*/{pattern}" for pattern in TRAINING_FILES])
+    return run_training(dataset, out, key, hyperparameters, device, log_every, checkpoint_every, refresh,
+                        sync=lambda: storage.push(out, TRAINING_FILES))

@@ -19,14 +19,15 @@ from fashion_pipeline.tasks.plumbing.log import stage_logger
 # a checkpoint written at an epoch's end has epoch + 1 and batches_done 0.
 CHECKPOINT_KEYS = frozenset({
     "format", "model", "optimizer", "scheduler", "model_args", "hyperparameters", "epoch", "batches_done",
-    "global_step", "order", "rng", "running_loss", "augment", "last_loss", "validation",
+    "global_step", "order", "rng", "running_loss", "augment", "last_loss", "validation", "threads",
 })
 # The checkpoint format: 1, the keys above but `format` and `augment` (written before the format was
 # recorded); 2, with `format`; 3, with `augment` (the augmentation generator's state, empty without
 # augmentation); 4, with `last_loss` and `validation` (the latest logged loss and validation, which a
-# training resumed at its end still reports). A later format that adds a key fills it in for older
-# checkpoints in `_upgraded`, so that they still resume.
-FORMAT = 4
+# training resumed at its end still reports); 5, with `threads` (the CPU threads it trains with, kept
+# wherever it resumes). A later format that adds a key fills it in for older checkpoints in
+# `_upgraded`, so that they still resume.
+FORMAT = 5
 # model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
 MODEL_KEYS = ("format", "model", "model_args", "hyperparameters", "epoch", "global_step", "metrics")
 
@@ -111,6 +112,8 @@ def _upgraded(state: dict[str, Any], path: Path) -> dict[str, Any]:
         state = state | {"augment": _empty_tensor()}
     if version < 4:  # not kept: set again at the next log point and epoch end (or, at the end, validated again)
         state = state | {"last_loss": None, "validation": None}
+    if version < 5:  # trained with the thread count of its machine then: it goes on with this one's
+        state = state | {"threads": None}
     return state | {"format": FORMAT}
 
 

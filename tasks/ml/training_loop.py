@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -37,13 +37,14 @@ ONEDNN_MIN_BATCH = 9
 
 def run_training(
     dataset: Path, out: Path, key: dict[str, Any], hyperparameters: Hyperparameters, device: str, log_every: int,
-    checkpoint_every: int, refresh: bool,
+    checkpoint_every: int, refresh: bool, sync: Callable[[], None] = lambda: None,
 ) -> Written:
     """Train into `out`, resuming from its newest valid checkpoint unless `refresh`; returns the final checkpoint.
 
     Without a checkpoint of its own, a training continues an earlier one of the same run that
     differs only in its epoch count (see `continue_shorter`). The arguments are those of the train
-    stage (tasks/train.py), with `out` the training's keyed folder and `key` what its name is the digest of.
+    stage (tasks/train.py), with `out` the training's keyed folder, `key` what its name is the digest
+    of, and `sync` called once the folder is set up and after every checkpoint (to publish it to a store).
     """
     store = CheckpointStore(out / "checkpoints")
     found = None if refresh else store.latest()
@@ -67,11 +68,12 @@ def run_training(
     if found is not None:
         loop.load_state(found[1])
     store.warn_if_short_of_space(loop.state_dict())
+    sync()
     # purge_step drops the points that a killed run logged after its last checkpoint: no duplicates.
     writer = SummaryWriter(str(out), purge_step=loop.global_step + 1 if found else None, filename_suffix=".training")
     with naming(out):  # TensorBoard's writer says which error, not where
         try:
-            loop.run(images, labels, writer, store, log_every, checkpoint_every, validation)
+            loop.run(images, labels, writer, store, log_every, checkpoint_every, validation, sync)
         finally:
             writer.close()
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
@@ -138,8 +140,10 @@ class TrainingLoop:
     def __init__(self, hyperparameters: Hyperparameters, device: str, size: int) -> None:
         self.hp = hyperparameters
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(hyperparameters.batch_size))
+        # The CPU threads split sums, and so decide their rounding: a training keeps the count it started
+        # with (its checkpoints hold it), wherever it resumes.
+        self.threads = cpu_threads(hyperparameters.batch_size) if self.device.type == "cpu" else 1
+        self._use_threads()
         self.batches_per_epoch = batches.batch_count(size, hyperparameters.batch_size)
         self.model = model.build_model(model.MODEL_ARGS, seed=hyperparameters.seed).to(self.device)
         self.use_onednn = self.device.type == "cpu" and hyperparameters.batch_size >= ONEDNN_MIN_BATCH
@@ -159,6 +163,10 @@ class TrainingLoop:
         self.last_loss: float | None = None  # the mean loss at the latest log point
         self.validation: dict[str, float] | None = None  # loss and accuracy at the latest epoch's end
 
+    def _use_threads(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": checkpoints.FORMAT,
@@ -176,6 +184,7 @@ class TrainingLoop:
             "augment": self.augment.state() if self.augment else torch.empty(0, dtype=torch.uint8),
             "last_loss": self.last_loss,
             "validation": self.validation,
+            "threads": self.threads,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -191,13 +200,18 @@ class TrainingLoop:
             self.augment.restore(state["augment"])
         self.running_loss = state["running_loss"].to(self.device)
         self.last_loss, self.validation = state["last_loss"], state["validation"]
+        if state["threads"]:
+            self.threads = state["threads"]
+            self._use_threads()
 
     def run(
         self, images: torch.Tensor, labels: torch.Tensor, writer: SummaryWriter, store: CheckpointStore,
         log_every: int, checkpoint_every: int, validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sync: Callable[[], None] = lambda: None,
     ) -> None:
         """Train from the current position to the last epoch, logging and checkpointing on the way;
-        validate on `validation` (uint8 images and labels held out of `images`) at each epoch's end."""
+        validate on `validation` (uint8 images and labels held out of `images`) at each epoch's end;
+        call `sync` after each checkpoint."""
         images, labels = images.to(self.device), labels.to(self.device)  # 47 MB of uint8: one copy, then index
         progress = StepProgress("train", total=self.hp.epochs * self.batches_per_epoch, done=self.global_step)
         figures = FigureWorker(writer, PREDICTIONS_TAG, CLASSES)
@@ -217,12 +231,14 @@ class TrainingLoop:
                         self._log_point(writer, figures, progress, raw, inputs, targets, log_every)
                     if self.global_step % checkpoint_every == 0:
                         self._checkpoint(writer, figures, store)
+                        sync()
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 self.order_state = self.order.state()
                 if validation is not None:
                     self._validate(*validation)
                     self._log_validation(writer)
                 self._checkpoint(writer, figures, store)
+                sync()
             if validation is not None and self.validation is None:
                 # Resumed at the end from a checkpoint older than format 4, which did not keep it: the
                 # same weights give the same figures, whose points the event file has already.

@@ -155,14 +155,23 @@ def write_manifest(path: Path, files: Iterable[Path], **facts: Any) -> Path:
     return atomic_write_json(path, {"files": checksums, **facts})
 
 
-def read_manifest(path: Path, **expected: Any) -> dict[str, Any] | None:
-    """The manifest at `path` if it records the `expected` facts and every file it names is intact, else None."""
+def read_manifest(path: Path, fetch: Callable[[Path], bool] | None = None, **expected: Any) -> dict[str, Any] | None:
+    """The manifest at `path` if it records the `expected` facts and every file it names is intact, else None.
+
+    With `fetch`, a file that is missing or altered is fetched again (from a store) and checked once more.
+    """
     try:
         manifest = json.loads(Path(path).read_text())
         if any(manifest.get(name) != value for name, value in expected.items()):
             return None
         root = Path(path).parent
-        intact = all(sha256_file(root / name) == checksum for name, checksum in manifest["files"].items())
+        intact = all(_intact(root / name, checksum, fetch) for name, checksum in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return manifest if intact else None
+
+
+def _intact(file: Path, checksum: str, fetch: Callable[[Path], bool] | None) -> bool:
+    if file.is_file() and sha256_file(file) == checksum:
+        return True
+    return fetch is not None and fetch(file) and sha256_file(file) == checksum

@@ -1,14 +1,16 @@
-"""One run at a time per experiment: an exclusive lock on the run directory."""
+"""One run at a time per experiment: an exclusive lock on the run directory (and a lease, in a store)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.failures import PermanentError
 from fashion_pipeline.tasks.plumbing.files import made_folder
 
@@ -21,22 +23,24 @@ _held: set[Path] = set()  # run directories this process has locked: taking one 
 
 
 @contextmanager
-def experiment_lock(run_dir: Path) -> Iterator[None]:
+def experiment_lock(location: str | Path) -> Iterator[None]:
     """Hold `<run_dir>/.lock` for the duration; refuse at once if another process holds it.
 
     The operating system drops the lock when its holder exits, even on SIGKILL, so no stale lock
     survives. Within one process the lock nests (the command line and the flow both take it). A run
     that leaves nothing in the run directory (refused, or failed before its first output) removes
-    the lock file and the folders it created for it.
+    the lock file and the folders it created for it. A run directory in a store is locked in its
+    local mirror, against runs on this machine, and by a lease in the store, against runs on others.
 
     Args:
-        run_dir: the experiment's run directory (created if missing).
+        location: the experiment's run directory (created if missing): a path, or a URL in a store.
     """
-    key = Path(run_dir).resolve()
+    run_dir = storage.local_path(location)
+    key = run_dir.resolve()
     if key in _held:
         yield
         return
-    with made_folder(Path(run_dir)):
+    with made_folder(run_dir):
         lock_path = Path(run_dir) / ".lock"
         handle = _locked(lock_path)
         try:
@@ -46,7 +50,8 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
             handle.flush()
             _held.add(key)
             try:
-                yield
+                with _store_lease(run_dir, location):
+                    yield
             finally:
                 _held.discard(key)
                 if [path.name for path in Path(run_dir).iterdir()] == [".lock"]:
@@ -54,6 +59,22 @@ def experiment_lock(run_dir: Path) -> Iterator[None]:
                     lock_path.unlink()
         finally:
             handle.close()  # releases the lock
+
+
+@contextmanager
+def _store_lease(run_dir: Path, location: str | Path) -> Iterator[None]:
+    """The store's lease on a run directory in a store (tasks/plumbing/storage.py); nothing for a local one."""
+
+    def holder(record: dict) -> str:
+        left = max(0, round(record.get("expires", 0) - time.time()))
+        return (f"experiment {location} is in use by another run (host {record.get('host')}, pid {record.get('pid')}; "
+                f"its lease expires in {left} s unless renewed); wait for it or choose another --experiment")
+
+    try:
+        with storage.lease(run_dir, holder):
+            yield
+    except storage.LeaseHeld as error:
+        raise ExperimentBusyError(str(error)) from None
 
 
 def _locked(lock_path: Path) -> IO[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fashion_pipeline.tasks.config import ConfigError, RunConfig, is_url, parse_config
 from fashion_pipeline.tasks.ml.devices import resolve_device
+from fashion_pipeline.tasks.plumbing import storage
 
 # One value, the sweep's, for all; configurations validated on different images could not be compared.
 SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh", "validation_size")
@@ -111,11 +112,16 @@ def shared_values(base: dict[str, Any], name: str) -> dict[str, Any]:
         shared = parse_config(base | {"experiment": name})
     except ConfigError as error:
         raise ConfigError(str(error).replace("--experiment", "--name", 1)) from None
-    parsed = {"runs_dir": os.path.abspath(shared.runs_dir), "data_dir": os.path.abspath(shared.data_dir),
+    parsed = {"runs_dir": _absolute(shared.runs_dir), "data_dir": _absolute(shared.data_dir),
               "validation_size": shared.validation_size}
     if shared.mirror and not is_url(shared.mirror):
         parsed["mirror"] = os.path.abspath(shared.mirror)
     return base | parsed
+
+
+def _absolute(location: str) -> str:
+    """A local folder as an absolute path; a store URL as it is."""
+    return location if storage.is_remote(location) else os.path.abspath(location)
 
 
 def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
