@@ -9,6 +9,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +23,13 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("FASHION_MNIST_MIRROR", None)
 
 from tests.helpers import SHARED_DATA, run_tiny_flow  # noqa: E402
+from tests.object_store import s3_server  # noqa: E402
 from tests.synthetic import write_synthetic_fashion_mnist  # noqa: E402
 
 # Fixtures that start a service (a Prefect server, a Dask cluster) or read the real data: a test that
 # uses one, directly or through another fixture, is `slow`, so that `pytest -m "not slow"` is a fast loop.
 # Tests that start a service themselves (a command-line run) carry the mark in their module.
-SLOW_FIXTURES = frozenset({"prefect_api_url", "real_data", "server", "dask_address", "user_environment"})
+SLOW_FIXTURES = frozenset({"prefect_api_url", "real_data", "server", "dask_address", "user_environment", "s3_endpoint"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -81,3 +83,24 @@ def real_data(monkeypatch: pytest.MonkeyPatch) -> Path:
         pytest.skip(f"real Fashion-MNIST files not found in {SHARED_DATA}")
     monkeypatch.delenv("FASHION_MNIST_CHECKSUMS", raising=False)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real S3 API on loopback (rclone), reached through the standard AWS variables; yields the folder it serves."""
+    root = tmp_path_factory.mktemp("s3")
+    with s3_server(root) as variables, pytest.MonkeyPatch.context() as patch:
+        for name, value in variables.items():
+            patch.setenv(name, value)  # subprocesses and Dask workers started by tests inherit them
+        yield root
+
+
+@pytest.fixture
+def bucket(s3_endpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket (its URL), and a new local mirror cache for this test: a machine of its own."""
+    import fsspec
+
+    name = f"bucket-{uuid.uuid4().hex[:10]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)  # through the API: the server's view of its folder
+    monkeypatch.setenv("FASHION_STORE_CACHE", str(tmp_path / "store-cache"))
+    return f"s3://{name}"

@@ -117,12 +117,12 @@ def check(location: str) -> None:
         raise StoreError(f"the driver for {scheme}:// is not installed: {hint}") from None
     except ValueError:
         raise StoreError(f"unknown storage scheme {scheme}://; use a local folder, file://, s3:// or gs://") from None
-    filesystem, path = _filesystem(location)
+    filesystem, path = _filesystem(location, skip_instance_cache=True)  # the credentials of now
     bucket = path.split("/", 1)[0]
     try:
         filesystem.ls(bucket, detail=False)
     except FileNotFoundError:
-        raise StoreError(f"bucket {bucket!r} does not exist in {scheme}://") from None
+        raise StoreError(f"bucket {bucket!r} does not exist") from None
     except PermissionError as error:
         raise StoreError(f"the store refused these credentials for {scheme}://{bucket} ({_short(error)})") from None
     except Exception as error:  # noqa: BLE001  (a driver's own errors: unreachable endpoint, bad region, ...)
@@ -139,10 +139,10 @@ def _remote(path: Path) -> tuple[AbstractFileSystem, str] | None:
     return _filesystem(url) if is_remote(url) else None
 
 
-def _filesystem(url: str) -> tuple[AbstractFileSystem, str]:
+def _filesystem(url: str, **options: Any) -> tuple[AbstractFileSystem, str]:
     import fsspec
 
-    return fsspec.url_to_fs(url, **DRIVER_OPTIONS.get(scheme_of(url), {}))
+    return fsspec.url_to_fs(url, **DRIVER_OPTIONS.get(scheme_of(url), {}), **options)
 
 
 # What this process last fetched or published, per local file: its (size, mtime) then and the

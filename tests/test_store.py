@@ -1,0 +1,148 @@
+"""Runs and data in an object store: a real S3 API on loopback (rclone), reached with s3fs as users do.
+
+Each test's `bucket` comes with a mirror cache of its own; a run given another FASHION_STORE_CACHE
+is a run on another machine, which shares nothing with the first but the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fashion_pipeline.tasks.config import ConfigError, parse_config
+from fashion_pipeline.tasks.ml.dataset import CLASSES
+from fashion_pipeline.tasks.plumbing import storage
+from tests.helpers import (
+    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_flow_script, run_tiny_flow, same_weights, tiny_args,
+    total_steps, wait_while_running,
+)
+from tests.object_store import listing, load_weights, read_bytes
+from tests.synthetic import write_synthetic_fashion_mnist
+from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
+
+STAGES = ("download", "inspect", "graph", "train", "checkpoint", "evaluate")
+
+
+def test_store_urls_map_to_a_local_mirror_and_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    mirror = storage.local_path("s3://bucket/runs/exp")
+    assert mirror == tmp_path / "cache" / "s3" / "bucket" / "runs" / "exp"
+    assert storage.location_of(mirror / "train-1" / "model.pt") == "s3://bucket/runs/exp/train-1/model.pt"
+    assert storage.local_path("runs/exp") == Path("runs/exp") and storage.location_of(Path("runs/exp")) == "runs/exp"
+    assert storage.join("s3://bucket/runs/", "a/b") == "s3://bucket/runs/a/b"
+    # file:// is a local folder: the fast path, with no mirror.
+    config = parse_config({"runs_dir": f"file://{tmp_path}/runs", "data_dir": f"file://{tmp_path}/data"})
+    assert config.run_dir == str(tmp_path / "runs" / "fashion_mnist_experiment_1")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("gs://bucket/runs", 'the driver for gs:// is not installed: pip install -e ".[gcs]"'),
+    ("nosuch://bucket/runs", "unknown storage scheme nosuch://; use a local folder, file://, s3:// or gs://"),
+])
+def test_a_store_that_cannot_be_used_here_is_one_line(url: str, message: str) -> None:
+    if url.startswith("gs://"):
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pytest.skip("gcsfs is installed here")
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"runs_dir": url})
+    assert str(refused.value) == f"--runs-dir {url}: {message}"
+
+
+def test_missing_bucket_and_refused_credentials_are_one_line_before_any_work(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "submit"
+    work.mkdir()
+    done = run_flow_script("--runs-dir", "s3://no-such-bucket/runs", cwd=work, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "fashion.py: error: --runs-dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist\n"
+    assert list(work.iterdir()) == []
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(ConfigError, match=rf"^--data-dir {bucket}/data: the store refused these credentials"):
+        parse_config({"data_dir": f"{bucket}/data"})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    assert listing(bucket) == []
+
+
+def test_a_run_on_the_store_shows_every_tab_and_reruns_cached_on_another_machine(
+    prefect_api_url: str, synthetic_mirror: Path, bucket: str, tmp_path: Path
+) -> None:
+    work = tmp_path / "submit"
+    work.mkdir()
+    folders = ["--runs-dir", f"{bucket}/runs", "--data-dir", f"{bucket}/data", "--experiment", "tiny"]
+    first = run_flow_script(*folders, "--mirror", str(synthetic_mirror), *tiny_args(), cwd=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"Run directory: {bucket}/runs/tiny\n" in first.stdout
+    assert list(work.iterdir()) == []  # everything went to the store
+
+    run_dir = f"{bucket}/runs/tiny"
+    runs = load_runs(run_dir)  # TensorBoard's own reader, on the store
+    train = training_run(runs)
+    assert image_steps(runs, ".", "four_fashion_mnist_images") == [0] and runs.Runs()["."]["graph"] is True
+    assert scalar_steps(runs, train, "training loss") == expected_loss_steps()
+    assert image_steps(runs, train, "predictions vs. actuals") == expected_loss_steps()
+    assert sorted(runs.PluginRunToTagToContent("pr_curves")[train]) == sorted(CLASSES)
+    assert image_steps(runs, train, "confusion matrix") == [total_steps()]
+    assert runs.PluginRunToTagToContent("hparams")[train]
+    assert b"metadata.tsv" in read_bytes(f"{run_dir}/projector_config.pbtxt")
+    objects = listing(run_dir)
+    assert {"00000/default/sprite.png", "metrics.json", "summary.png", f"{train}/model.pt"} <= set(objects)
+    assert not [name for name in objects if ".lease" in name or ".tmp" in name]
+
+    # Another machine: a new mirror cache, and no mirror to download from. Every stage is found Cached.
+    again = run_flow_script(*folders, *tiny_args(), cwd=work, env={storage.CACHE_ENV: str(tmp_path / "another")})
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads(read_bytes(f"{run_dir}/metrics.json"))["stages"]
+    assert {stage: stages[stage] for stage in STAGES} == dict.fromkeys(STAGES, "Cached")
+    assert list(work.iterdir()) == []
+
+
+def test_a_killed_run_on_the_store_resumes_on_another_machine_bitwise(
+    prefect_api_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enough synthetic images that training lasts a few seconds: 4000 / 4 = 1000 steps an epoch.
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
+    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
+    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+
+    work = tmp_path / "submit"
+    work.mkdir()
+    run_dir = f"{bucket}/runs/killed"
+    command = [sys.executable, str(FLOW_SCRIPT), "--runs-dir", f"{bucket}/runs", "--data-dir", f"{bucket}/data",
+               "--experiment", "killed", "--mirror", str(mirror), *tiny_args(**settings)]
+    process = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        wait_while_running(process, lambda: any(name.endswith("checkpoints/step-00000600.pt") for name in listing(run_dir)),
+                           "the checkpoint at step 600 reached the store", 180, interval=0.05)
+        # A second run of the experiment, from another machine, is refused while the first holds the lease.
+        busy = run_flow_script(*command[2:], cwd=work, env={storage.CACHE_ENV: str(tmp_path / "busy")}, timeout=120)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert busy.returncode == 1 and busy.stderr.count("\n") == 1 and "is in use by another run" in busy.stderr
+    assert not [name for name in listing(run_dir) if name.endswith("training.json")], "training finished before the kill"
+
+    # Resumed on another machine from what the store holds: bitwise the uninterrupted weights, each step once.
+    rerun = run_flow_script(*command[2:], cwd=work, env={storage.CACHE_ENV: str(tmp_path / "another")})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Resuming from" in rerun.stderr
+    train = next(name for name in listing(run_dir) if name.endswith("/model.pt"))
+    assert same_weights(load_weights(f"{run_dir}/{train}"), final_weights(reference))
+    runs = load_runs(run_dir)
+    assert scalar_steps(runs, training_run(runs), "training loss") == expected_loss_steps(settings, train_size=4000)
