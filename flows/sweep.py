@@ -140,10 +140,12 @@ def check_shared_folders(folders: dict[str, str]) -> None:
         atomic_write_json(probe, token)
     try:
         unseen = client.run(_unseen_probes, [str(probe) for probe in probes.values()], token)
+        names = {address: worker["name"] for address, worker in client.scheduler_info()["workers"].items()}
     finally:
         for probe in probes.values():
             probe.unlink(missing_ok=True)
-    for worker, missing in sorted(unseen.items()):
+    for address, missing in sorted(unseen.items()):
+        worker = address if str(names.get(address, address)) == address else f"{names[address]} ({address})"
         for flag, probe in probes.items():
             if str(probe) in missing:
                 raise ConfigError(f"{flag} {local[flag]}: Dask worker {worker} does not see this folder as this machine "

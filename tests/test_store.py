@@ -6,21 +6,29 @@ is a run on another machine, which shares nothing with the first but the store.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
+from fashion_pipeline.flows.sweep_command_line import main as sweep_main
 from fashion_pipeline.tasks.config import ConfigError, parse_config
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.plumbing import storage
 from tests.helpers import (
-    FLOW_SCRIPT, TINY, expected_loss_steps, final_weights, run_flow_script, run_tiny_flow, same_weights, tiny_args,
-    total_steps, wait_while_running,
+    FLOW_SCRIPT, REPO, TINY, VALIDATION, expected_loss_steps, final_weights, free_port, run_flow_script, run_tiny_flow,
+    same_weights, tiny_args, total_steps, wait_while_running,
 )
 from tests.object_store import listing, load_weights, read_bytes
 from tests.synthetic import write_synthetic_fashion_mnist
@@ -146,3 +154,138 @@ def test_a_killed_run_on_the_store_resumes_on_another_machine_bitwise(
     assert same_weights(load_weights(f"{run_dir}/{train}"), final_weights(reference))
     runs = load_runs(run_dir)
     assert scalar_steps(runs, training_run(runs), "training loss") == expected_loss_steps(settings, train_size=4000)
+
+
+# --- a sweep on machines that share no disk ----------------------------------------------------------
+
+
+@dataclass
+class PrivateCluster:
+    """A `dask scheduler` and two `dask worker` processes, each worker in a mount namespace of its own
+    where the client's folder (`hidden`) is an empty tmpfs: as on machines that share only the store."""
+
+    address: str
+    hidden: Path  # the client's own folder: no worker sees what is in it
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> its process group's leader
+    threads: dict[str, int] = field(default_factory=dict)  # name -> OMP_NUM_THREADS
+
+
+@pytest.fixture(scope="module")
+def private_cluster(prefect_api_url: str, s3_endpoint: Path, synthetic_folder: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to give each worker a disk of its own")
+    root = tmp_path_factory.mktemp("cluster")
+    hidden, visible = root / "client", root / "shared"
+    hidden.mkdir()
+    visible.mkdir()
+    # The dataset's expected checksums (the synthetic files'), where the workers can read them.
+    checksums = shutil.copy(synthetic_folder / "checksums.json", visible / "checksums.json")
+    port = free_port()
+    processes = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                   "--dashboard-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)]
+    cluster = PrivateCluster(f"tcp://127.0.0.1:{port}", hidden)
+    try:
+        for name, threads in (("w1", 1), ("w2", 2)):
+            own = f"{hidden}/{name}"  # inside the worker's tmpfs: its mirror cache and Prefect home
+            script = (f'mount -t tmpfs tmpfs "{hidden}" && exec dask worker {cluster.address} --name {name} '
+                      f'--nthreads 1 --host 127.0.0.1 --local-directory "{own}/dask"')
+            environment = {**os.environ, "OMP_NUM_THREADS": str(threads), storage.CACHE_ENV: f"{own}/cache",
+                           "PREFECT_HOME": f"{own}/prefect", "FASHION_MNIST_CHECKSUMS": str(checksums)}
+            process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                       env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)
+            processes.append(process)
+            cluster.workers[name], cluster.threads[name] = process, threads
+        from distributed import Client
+
+        with Client(cluster.address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield cluster
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+SWEEP_COMMAND = [sys.executable, str(REPO / "flows" / "sweep.py")]
+
+
+def sweep_options(cluster: PrivateCluster, runs: str, data: str, mirror: Path, **settings: object) -> list[str]:
+    return ["--runs-dir", runs, "--data-dir", data, "--mirror", str(mirror), "--dask-address", cluster.address,
+            *tiny_args(**{"validation_size": VALIDATION} | settings)]
+
+
+def test_local_folders_that_a_worker_cannot_see_are_refused_before_training(
+    private_cluster: PrivateCluster, synthetic_mirror: Path
+) -> None:
+    runs, data = private_cluster.hidden / "runs", private_cluster.hidden / "data"
+    done = subprocess.run([*SWEEP_COMMAND, "--name", "unseen", "--grid", '{"lr": [0.01, 0.02]}',
+                           *sweep_options(private_cluster, str(runs), str(data), synthetic_mirror)],
+                          capture_output=True, text=True, timeout=300)
+    error = done.stderr.splitlines()[-1]  # after the flow run's log
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert error.startswith(f"sweep.py: error: --runs-dir {runs / 'unseen'}: Dask worker w") and "(tcp://127.0.0.1:" in error
+    assert "does not see this folder as this machine does" in error
+    assert not list(runs.glob("**/train-*")) and not (data / "FashionMNIST").exists()
+
+
+def test_a_sweep_on_workers_that_share_only_the_store(
+    private_cluster: PrivateCluster, synthetic_mirror: Path, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(storage.CACHE_ENV, str(private_cluster.hidden / "cache"))  # the client's, unseen by workers
+    rates = [0.01, 0.02, 0.05]
+    assert sweep_main(["--name", "shared", "--grid", json.dumps({"lr": rates}),
+                       *sweep_options(private_cluster, f"{bucket}/runs", f"{bucket}/data", synthetic_mirror)]) == 0
+    summary = json.loads(read_bytes(f"{bucket}/runs/shared/sweep.json"))
+    assert [entry["state"] for entry in summary["configurations"]] == ["Completed"] * 3
+    best = summary["best"]
+    assert best["run_dir"].startswith(f"{bucket}/runs/shared/lr=") and best["train_dir"].startswith(best["run_dir"])
+    assert json.loads(read_bytes(f"{best['run_dir']}/metrics.json"))["test_accuracy"] == best["test_accuracy"]
+    assert load_weights(f"{best['train_dir']}/model.pt")
+
+
+def test_a_killed_worker_hands_its_training_to_one_with_other_cores_which_resumes_bitwise(
+    private_cluster: PrivateCluster, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client
+
+    # Batches of 32, so the thread count matters (1 on w1, 2 on w2); 4000 images, so training lasts.
+    mirror = tmp_path / "mirror"
+    checksums = write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(checksums))
+    for name in private_cluster.workers:  # where the workers read the expected checksums
+        shutil.copy(checksums, private_cluster.hidden.parent / "shared" / "checksums.json")
+    settings = {"batch_size": 32, "epochs": 8, "log_every": 25, "checkpoint_every": 100}
+    run_dir = f"{bucket}/runs/killed/lr=0.02"
+    command = [*SWEEP_COMMAND, "--name", "killed",
+               "--configurations", '[{"lr": 0.02}]',
+               *sweep_options(private_cluster, f"{bucket}/runs", f"{bucket}/data", mirror, **settings)]
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, storage.CACHE_ENV: str(private_cluster.hidden / "cache")})
+    try:
+        wait_while_running(sweep, lambda: any(name.endswith("checkpoints/step-00000200.pt") for name in listing(run_dir)),
+                           "the checkpoint at step 200 reached the store", 240, interval=0.05)
+        with Client(private_cluster.address, timeout=30) as client:
+            names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
+            [training] = [names[address] for address, keys in client.processing().items() if keys]
+        os.killpg(private_cluster.workers[training].pid, signal.SIGKILL)
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, output[-3000:]
+
+    train = next(name.removesuffix("/model.pt") for name in listing(run_dir) if name.endswith("/model.pt"))
+    final = json.loads(read_bytes(f"{run_dir}/{train}/training.json"))
+    state = torch.load(io.BytesIO(read_bytes(f"{run_dir}/{train}/{final['checkpoint']}")), weights_only=True)
+    assert state["threads"] == private_cluster.threads[training]  # kept on the worker with the other count
+    # The uninterrupted training, here, with the thread count of the worker that started it.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(private_cluster.threads[training]))
+    reference = run_tiny_flow(tmp_path / "reference", mirror, lr=0.02, validation_size=VALIDATION, **settings)
+    assert same_weights(load_weights(f"{run_dir}/{train}/model.pt"), final_weights(reference))
+    runs = load_runs(run_dir)
+    steps = settings["epochs"] * math.ceil((4000 - VALIDATION) / settings["batch_size"])  # the last batch is partial
+    assert scalar_steps(runs, training_run(runs), "training loss") == list(range(25, steps + 1, 25))
