@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import tempfile
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -167,14 +169,26 @@ class RunConfig(BaseModel):
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why this process cannot write into `folder` (or create it), as the end of a sentence; None if it can."""
+    """Why this process cannot write into `folder` (or create it), as the end of a sentence; None if it can.
+
+    Tried, not guessed from permission bits: a folder is made and removed where the first missing one
+    would go. Root passes every permission check, yet /proc, /sys and read-only mounts refuse it.
+    """
     nearest = nearest_existing(folder)
-    if os.access(nearest, os.W_OK | os.X_OK):
-        return None
-    read_only = bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
-    reason = "is on a read-only file system" if read_only else "is not writable by this user"
     where = "" if nearest == folder.absolute() else f"cannot be created: {str(nearest)!r} "
-    return f"{where}{reason}; choose another folder"
+    if not nearest.is_dir():
+        return f"cannot be created: it would be below {str(nearest)!r}, which is a file; choose another folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=nearest, prefix=".fashion-probe-"))
+    except OSError as error:
+        if error.errno == errno.EROFS or os.statvfs(nearest).f_flag & os.ST_RDONLY:
+            reason = "is on a read-only file system"
+        elif error.errno in (errno.EACCES, errno.EPERM) and not os.access(nearest, os.W_OK | os.X_OK):
+            reason = "is not writable by this user"
+        else:  # /proc, /sys and their kind: no permission would let a file in
+            reason = "cannot hold files"
+        return f"{where}{reason}; choose another folder"
+    return None
 
 
 def _name_limit(folder: Path) -> int:

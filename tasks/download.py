@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +38,14 @@ class DatasetChecksumError(PermanentError):
 
 class DatasetDownloadError(TransientError):
     """A download that failed on the way (network, HTTP): worth retrying."""
+
+
+class MirrorRefusedError(PermanentError):
+    """A mirror that answers a request with a client error (404, 403, ...): the same request fails again."""
+
+
+# HTTP client errors that are a request's own fault, which a retry repeats: all 4xx but a timeout and a rate limit.
+TRANSIENT_CLIENT_ERRORS = frozenset({408, 429})
 
 
 def expected_files() -> dict[str, str]:
@@ -134,4 +143,9 @@ def _fetch_with_torchvision(root: Path, files: dict[str, str], mirror: str | Non
             if (raw / name).is_file() and (actual := md5_file(raw / name)) != md5:
                 raise DatasetChecksumError(f"{mirrors[0]}{name}: md5 {actual} does not match the expected {md5}: "
                                            "the mirror serves another file; use another mirror") from None
+        # torchvision reports each mirror's error as text only: urllib's "HTTP Error 404: Not Found".
+        if (status := re.search(r"HTTP Error (4\d\d)", str(error))) and int(status[1]) not in TRANSIENT_CLIENT_ERRORS:
+            missing = next((name for name in files if not (raw / name).is_file()), "a file")
+            raise MirrorRefusedError(f"{mirrors[0]}{missing}: the mirror answers HTTP {status[1]}: give --mirror the "
+                                     "URL of a folder that serves the four official .gz files") from None
         raise DatasetDownloadError(f"downloading Fashion-MNIST failed: {flat(str(error))}") from error

@@ -76,8 +76,8 @@ def run_pipeline(config: RunConfig, device: str, mirror: str | None, run: StageR
 def for_run(task: Task, config: RunConfig, *tags: str) -> Task:
     """`task` as the Prefect UI should show it for this run: "train lr=0.01", "evaluate nightly"; with `tags`;
     its cache records beside the runs."""
-    return in_store(task, config.runs_dir).with_options(task_run_name=f"{task.name} {PurePosixPath(config.experiment).name}",
-                                                        tags={*task.tags, *tags})
+    name = f"{task.name} {PurePosixPath(config.experiment).name}"
+    return in_store(task, config.runs_dir).with_options(task_run_name=name, tags={*task.tags, *tags})
 
 
 def in_store(task: Task, location: str) -> Task:

@@ -43,6 +43,7 @@ PACKAGE = __name__.rpartition(".")[0]  # the stages' package: `code` names modul
 # A stage's manifest path and the facts it must record for given inputs: what tells a finished,
 # current output from a missing, altered or stale one.
 StageOutput = tuple[Path, dict[str, Any]]
+FOLDERS = frozenset({"run_dir", "data_dir"})  # the stages' inputs that name a folder: a path or a store URL
 __all__ = ["Stage", "StageOutput", "Written", "source_digest", "stage"]
 
 
@@ -136,8 +137,8 @@ class Stage:
 
 
 def _here(inputs: dict[str, Any]) -> dict[str, Any]:
-    """`inputs` with each store URL (a run or data folder) as its local mirror's path."""
-    return {name: str(storage.local_path(value)) if isinstance(value, str) and storage.is_remote(value) else value
+    """`inputs` with each folder in a store (a run or data folder) as its local mirror's path."""
+    return {name: str(storage.local_path(value)) if name in FOLDERS and storage.is_remote(value) else value
             for name, value in inputs.items()}
 
 

@@ -21,7 +21,7 @@ TORCH_VERSION = importlib.metadata.version("torch")  # read, not imported: a cac
 # The modules that decide the weights, besides this one: part of each training's key.
 TRAINING_MODULES = ("ml.model", "ml.batches", "ml.hyperparameters", "ml.training_loop")
 # What a training folder holds while it trains: in a store, these are published at every checkpoint.
-TRAINING_FILES = ["key.json", "checkpoints/step-*.pt", "events.out.tfevents.*.training"]
+TRAINING_FILES = ["key.json", "checkpoints/step-*.pt", "checkpoints/step-*.pt.sha256", "events.out.tfevents.*.training"]
 
 
 def training_dir(dataset: Path, run_dir: str, hyperparameters: Hyperparameters, device: str, **_: object) -> Path:

@@ -27,8 +27,8 @@ def s3_server(root: Path) -> Iterator[dict[str, str]]:
     try:
         wait_for(lambda: _answers(port) or process.poll() is not None, "rclone's S3 server", 30)
         assert process.poll() is None, "rclone serve s3 exited"
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
-               "AWS_DEFAULT_REGION": "us-east-1"}
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": KEY,
+               "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.datasets import FashionMNIST
 
-from fashion_pipeline.tasks.download import DatasetChecksumError, download
+from fashion_pipeline.tasks.download import DatasetChecksumError, MirrorRefusedError, download
 from fashion_pipeline.tasks.ml.dataset import load_split
 from tests.helpers import TINY
 from tests.mirror import serve_mirror
@@ -81,6 +81,15 @@ def test_network_errors_are_retried(synthetic_mirror: Path, prefect_api_url: str
     assert manifest.is_file()
     # Two attempts end at their first request's 503; the third fetches all four files.
     assert sum(gets.values()) == 2 + 4 * GETS_PER_FILE
+
+
+def test_a_mirror_that_answers_404_is_asked_once(prefect_api_url: str, tmp_path: Path, outside_a_flow: None) -> None:
+    (tmp_path / "empty").mkdir()
+    with serve_mirror(tmp_path / "empty") as (url, gets):
+        with pytest.raises(MirrorRefusedError, match=rf"^{url}train-images-idx3-ubyte.gz: the mirror answers HTTP 404: "):
+            download.task.with_options(retry_delay_seconds=0)(str(tmp_path / "data"), mirror=url)
+    assert sum(gets.values()) == 1  # one request of one attempt: a 404 is not retried
+    assert not (tmp_path / "data").exists()
 
 
 def test_corrupted_local_mirror_names_the_file(synthetic_mirror: Path, tmp_path: Path) -> None:

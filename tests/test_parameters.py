@@ -21,6 +21,9 @@ BAD = {
     "unknown refresh stage": (["--refresh", "training"], "unknown stage(s) training"),
     "not a number": (["--epochs", "two"], "--epochs"),
     "missing mirror folder": (["--mirror", "no-such-folder"], "neither an http(s) URL nor an existing folder"),
+    "runs dir in /proc": (["--runs-dir", "/proc/x"], "--runs-dir '/proc/x' cannot be created: '/proc' cannot hold files"),
+    "data dir in /sys": (["--data-dir", "/sys/x"], "--data-dir '/sys/x' cannot be created: '/sys' cannot hold files"),
+    "runs dir below a file": (["--runs-dir", "/dev/null/x"], "it would be below '/dev/null', which is a file"),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore
+from fashion_pipeline.tasks.ml.checkpoints import CheckpointStore, checksum_file
 from tests.helpers import (
     FLOW_SCRIPT, TINY, VALIDATION, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
     wait_while_running,
@@ -57,6 +57,32 @@ def test_truncated_newest_checkpoint_is_passed_over(
     assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
 
 
+def test_damaged_newest_checkpoint_is_passed_over_with_a_warning(
+    finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One byte flipped, which torch.load would accept: the checksum catches it, and the retry resumes
+    # from the checkpoint before it.
+    monkeypatch.setenv("FASHION_FAULT", "train:55")  # a point no other test uses: each fires once per process
+    original_save = CheckpointStore.save
+
+    def save_then_flip_a_byte_at_45(self: CheckpointStore, state: dict) -> Path:
+        path = original_save(self, state)
+        if state["global_step"] == 45:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        return path
+
+    monkeypatch.setattr(CheckpointStore, "save", save_then_flip_a_byte_at_45)
+    result = run_tiny_flow(tmp_path / "damaged", synthetic_mirror)
+    [warning] = [record.getMessage() for record in caplog.records if "Skipping unusable checkpoint" in record.getMessage()]
+    assert "step-00000045.pt" in warning and "the file is damaged" in warning
+    assert "(step 40)" in caplog.text
+    assert same_weights(final_weights(result), final_weights(finished_run[1]))
+    assert loss_steps(Path(result["train_dir"]).parent) == expected_loss_steps()
+
+
 @pytest.mark.parametrize("older_format", [False, True], ids=["format 4", "format 3"])
 def test_killed_after_the_last_checkpoint_keeps_the_training_metrics(
     finished_run: tuple[Path, dict], synthetic_mirror: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -72,8 +98,9 @@ def test_killed_after_the_last_checkpoint_keeps_the_training_metrics(
     if older_format:
         final = CheckpointStore(Path(first["train_dir"]) / "checkpoints").paths()[-1]
         state = torch.load(final, weights_only=True)
-        torch.save({key: value for key, value in state.items() if key not in ("last_loss", "validation")}
+        torch.save({key: value for key, value in state.items() if key not in ("last_loss", "validation", "threads")}
                    | {"format": 3}, final)
+        checksum_file(final).unlink()  # written before checkpoints had checksums
     again = run_tiny_flow(tmp_path, synthetic_mirror, validation_size=VALIDATION)
     assert f"(step {total_steps(TINY, train_size=TRAIN_SIZE - VALIDATION)})" in caplog.text
     rewritten = json.loads(manifest.read_text())

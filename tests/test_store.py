@@ -27,8 +27,19 @@ from fashion_pipeline.tasks.config import ConfigError, parse_config
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.plumbing import storage
 from tests.helpers import (
-    FLOW_SCRIPT, REPO, TINY, VALIDATION, expected_loss_steps, final_weights, free_port, run_flow_script, run_tiny_flow,
-    same_weights, tiny_args, total_steps, wait_while_running,
+    FLOW_SCRIPT,
+    REPO,
+    TINY,
+    VALIDATION,
+    expected_loss_steps,
+    final_weights,
+    free_port,
+    run_flow_script,
+    run_tiny_flow,
+    same_weights,
+    tiny_args,
+    total_steps,
+    wait_while_running,
 )
 from tests.object_store import listing, load_weights, read_bytes
 from tests.synthetic import write_synthetic_fashion_mnist
@@ -289,3 +300,26 @@ def test_a_killed_worker_hands_its_training_to_one_with_other_cores_which_resume
     runs = load_runs(run_dir)
     steps = settings["epochs"] * math.ceil((4000 - VALIDATION) / settings["batch_size"])  # the last batch is partial
     assert scalar_steps(runs, training_run(runs), "training loss") == list(range(25, steps + 1, 25))
+
+
+def test_a_configuration_whose_outputs_this_machine_cannot_see_fails_loudly(tmp_path: Path) -> None:
+    from prefect.states import Completed
+
+    from fashion_pipeline.flows.sweep import outcome
+    from fashion_pipeline.tasks.sweep.plan import plan
+
+    [trial] = plan("unseen", {"runs_dir": str(tmp_path / "runs"), "device": "cpu"}, configurations=[{"lr": 0.01}])
+
+    class Finished:  # a configuration's future as Prefect hands it back: completed, on a worker's own disk
+        state = Completed()
+
+        def wait(self) -> None:
+            pass
+
+        def result(self) -> dict:
+            return {"stages": {"train": "Completed"}, "validation_accuracy": 0.9, "test_accuracy": 0.9, "mean_ap": 0.9,
+                    "train_dir": f"{trial.config.run_dir}/train-0"}
+
+    entry = outcome(trial, Finished())  # type: ignore[arg-type]
+    assert entry["state"] == "Failed" and "validation_accuracy" not in entry
+    assert entry["error"].startswith(f"configuration: its outputs are not in {trial.config.run_dir} as this machine")

@@ -5,6 +5,7 @@ torch is imported on the first save or load: a cached rerun, which only reads ma
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -25,7 +26,7 @@ CHECKPOINT_KEYS = frozenset({
 # recorded); 2, with `format`; 3, with `augment` (the augmentation generator's state, empty without
 # augmentation); 4, with `last_loss` and `validation` (the latest logged loss and validation, which a
 # training resumed at its end still reports); 5, with `threads` (the CPU threads it trains with, kept
-# wherever it resumes). A later format that adds a key fills it in for older checkpoints in
+# wherever it resumes) and a checksum file beside it (`checksum_file`), which loading requires. A later format that adds a key fills it in for older checkpoints in
 # `_upgraded`, so that they still resume.
 FORMAT = 5
 # model.pt, for inference; its metrics are the training's (the test set's are in metrics.json beside it).
@@ -52,10 +53,18 @@ class CheckpointStore:
         return int(path.stem.removeprefix("step-"))
 
     def save(self, state: dict[str, Any]) -> Path:
-        """Write `state` atomically, then drop all but the newest `keep` checkpoints."""
-        path = save_file(state, self.folder / f"step-{state['global_step']:08d}.pt")
+        """Write `state` atomically, after its checksum file, then drop all but the newest `keep` checkpoints.
+
+        The checksum first: a run killed between the two leaves a checksum without its checkpoint,
+        never a checkpoint that cannot be verified.
+        """
+        path = self.folder / f"step-{state['global_step']:08d}.pt"
+        data = _serialised(state)
+        atomic_write(checksum_file(path), lambda stream: stream.write(hashlib.sha256(data).hexdigest().encode()))
+        atomic_write(path, lambda stream: stream.write(data))
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
+            checksum_file(old).unlink(missing_ok=True)
         return path
 
     def warn_if_short_of_space(self, state: dict[str, Any]) -> None:
@@ -87,12 +96,28 @@ class CheckpointStore:
         return None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a training checkpoint as data only (`weights_only=True`: no code runs), in today's format.
+def checksum_file(checkpoint: Path) -> Path:
+    """Where a checkpoint's sha256 is kept: `step-NNNNNNNN.pt.sha256` beside it."""
+    return checkpoint.with_name(checkpoint.name + ".sha256")
 
-    An older format is upgraded; a newer one is refused with CheckpointFormatError, naming it.
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a training checkpoint as data only (`weights_only=True`: no code runs), in today's format,
+    after checking its bytes against its checksum file (torch.load accepts most flipped bytes).
+
+    An older format is upgraded; a newer one is refused with CheckpointFormatError, naming it. A
+    damaged checkpoint, or one of format 5 or later without its checksum, raises ValueError.
     """
-    state = _load(path)
+    data = path.read_bytes()
+    try:
+        expected = checksum_file(path).read_text().strip()
+    except FileNotFoundError:
+        expected = None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"its bytes do not match {checksum_file(path).name}: the file is damaged")
+    state = _parse(data)
+    if expected is None and isinstance(state, dict) and state.get("format", 1) >= 5:
+        raise ValueError(f"{checksum_file(path).name} is missing, so it cannot be verified")
     if isinstance(state, dict):
         state = _upgraded(state, path)
     if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
@@ -152,7 +177,10 @@ def _load(path: Path) -> dict[str, Any]:
     Read whole, then parsed: torch.load on the file itself raises OSError for some truncated ones,
     so here an OSError always means the disk (see CheckpointStore.latest).
     """
+    return _parse(path.read_bytes())
+
+
+def _parse(data: bytes) -> dict[str, Any]:
     import torch
 
-    data = path.read_bytes()
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -44,7 +44,8 @@ def run_training(
     Without a checkpoint of its own, a training continues an earlier one of the same run that
     differs only in its epoch count (see `continue_shorter`). The arguments are those of the train
     stage (tasks/train.py), with `out` the training's keyed folder, `key` what its name is the digest
-    of, and `sync` called once the folder is set up and after every checkpoint (to publish it to a store).
+    of, and `sync` called once the folder is set up, after every checkpoint and at the end (to
+    publish it to a store).
     """
     store = CheckpointStore(out / "checkpoints")
     found = None if refresh else store.latest()
@@ -76,8 +77,10 @@ def run_training(
             loop.run(images, labels, writer, store, log_every, checkpoint_every, validation, sync)
         finally:
             writer.close()
+    sync()  # the events as the closed writer left them
     final = store.paths()[-1]  # written at the last epoch's end: the finished training
-    return Written([final], {
+    checksum = checkpoints.checksum_file(final)  # absent only beside a checkpoint of an older format
+    return Written([final, *([checksum] if checksum.exists() else [])], {
         "checkpoint": str(final.relative_to(out)), "global_step": loop.global_step, "training_loss": loop.last_loss,
         "validation": loop.validation, "hyperparameters": asdict(hyperparameters), "device": device,
         "seconds": round(time.perf_counter() - started, 3),
