@@ -87,11 +87,15 @@ def test_missing_bucket_and_refused_credentials_are_one_line_before_any_work(
     assert done.stderr == "fashion.py: error: --runs-dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist\n"
     assert list(work.iterdir()) == []
 
+    import s3fs
+
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()  # as in a new process, which reads the credentials anew
     with pytest.raises(ConfigError, match=rf"^--data-dir {bucket}/data: the store refused these credentials"):
         parse_config({"data_dir": f"{bucket}/data"})
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    s3fs.S3FileSystem.clear_instance_cache()  # not the refused client, for the tests after this one
     assert listing(bucket) == []
 
 

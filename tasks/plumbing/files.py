@@ -45,8 +45,16 @@ def _file_digest(path: Path, algorithm: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    return _file_digest(path, "sha256")
+    """Hex sha256 of a file's bytes; a file unchanged since this process hashed it (the same inode, size
+    and modification time: every write here replaces a file, or at least touches it) is not read again."""
+    status = os.stat(path)
+    identity = (os.path.abspath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+    if (known := _hashed.get(identity)) is None:
+        known = _hashed[identity] = _file_digest(path, "sha256")
+    return known
+
+
+_hashed: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> sha256, for this process
 
 
 def md5_file(path: Path) -> str:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "FASHION_STORE_CACHE"  # where this machine mirrors store URLs (default: ~/.cache/fashion-pipeline/stores)
 LEASE_ENV = "FASHION_LEASE_SECONDS"  # how long a store lease outlives its last renewal
+# Between writing a lease and reading it back: a run that wrote at the same moment has written by
+# then, and the last writer holds it. Longer than a store's write takes, shorter than a person notices.
+SETTLE_SECONDS = 0.2
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 # The extra that installs each driver, by scheme: what an ImportError from fsspec is told to install.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -103,10 +106,14 @@ def join(location: str, *parts: str) -> str:
 
 def check(location: str) -> None:
     """Raise StoreError, in one line, unless the store of `location` can be used here: its driver
-    installed, its bucket there, its credentials accepted. Nothing is written."""
+    installed, its bucket there, its credentials accepted. Nothing is written; a bucket that passed
+    is not asked again by this process."""
     if not is_remote(location):
         return
     scheme = scheme_of(location)
+    bucket = URL.match(location).group(2).split("/", 1)[0]
+    if (scheme, bucket) in _reached:
+        return
     import fsspec
 
     try:
@@ -117,8 +124,7 @@ def check(location: str) -> None:
         raise StoreError(f"the driver for {scheme}:// is not installed: {hint}") from None
     except ValueError:
         raise StoreError(f"unknown storage scheme {scheme}://; use a local folder, file://, s3:// or gs://") from None
-    filesystem, path = _filesystem(location, skip_instance_cache=True)  # the credentials of now
-    bucket = path.split("/", 1)[0]
+    filesystem, _ = _filesystem(location)  # the process's client for the store: made once, used by every stage
     try:
         filesystem.ls(bucket, detail=False)
     except FileNotFoundError:
@@ -127,6 +133,10 @@ def check(location: str) -> None:
         raise StoreError(f"the store refused these credentials for {scheme}://{bucket} ({_short(error)})") from None
     except Exception as error:  # noqa: BLE001  (a driver's own errors: unreachable endpoint, bad region, ...)
         raise StoreError(f"cannot reach {scheme}://{bucket}: {_short(error)}") from None
+    _reached.add((scheme, bucket))
+
+
+_reached: set[tuple[str, str]] = set()  # (scheme, bucket) that `check` has reached
 
 
 def _short(error: BaseException) -> str:
@@ -179,15 +189,14 @@ def _in_step(path: Path, identity: Any = None) -> bool:
     return known is not None and known[0] == _stat(path) and (identity is None or known[1] == identity)
 
 
-def fetch(path: Path) -> bool:
+def fetch(path: Path, identity: Any = None) -> bool:
     """Download the store's copy of a mirror path, atomically; False when the store has none (or the
-    path is not a mirror)."""
+    path is not a mirror). `identity`: the object's, where a listing gave it (else one request less)."""
     remote = _remote(path)
     if remote is None:
         return False
     filesystem, key = remote
     try:
-        info = filesystem.info(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
@@ -199,7 +208,7 @@ def fetch(path: Path) -> bool:
             raise
     except FileNotFoundError:
         return False
-    _remember(path, _identity(info))
+    _remember(path, identity)
     return True
 
 
@@ -316,7 +325,7 @@ def pull(folder: Path, patterns: list[str]) -> None:
     there = _matching(filesystem, key, patterns)
     for name, info in sorted(there.items()):
         if not _in_step(folder / name, _identity(info)):
-            fetch(folder / name)
+            fetch(folder / name, _identity(info))
     for name in _local_matching(folder, patterns) - set(there):
         (folder / name).unlink(missing_ok=True)
 
@@ -341,12 +350,21 @@ def result_storage(location: str) -> Any:
 @functools.cache
 def _records_block(basepath: str) -> Any:
     """A RemoteFileSystem block for `basepath`, saved on the Prefect server (once per process): Prefect
-    takes only saved blocks as a task's result storage, so that its workers can load them by id."""
+    takes only saved blocks as a task's result storage, so that its workers can load them by id.
+    Loaded where an earlier run saved it already: a read costs the server less than a save."""
+    from prefect.exceptions import ObjectNotFound
     from prefect.filesystems import RemoteFileSystem
 
-    block = RemoteFileSystem(basepath=basepath, settings=DRIVER_OPTIONS.get(scheme_of(basepath), {}))
-    block.save(f"fashion-pipeline-records-{hashlib.sha256(basepath.encode()).hexdigest()[:16]}", overwrite=True)
-    return block
+    name = f"fashion-pipeline-records-{hashlib.sha256(basepath.encode()).hexdigest()[:16]}"
+    wanted = RemoteFileSystem(basepath=basepath, settings=DRIVER_OPTIONS.get(scheme_of(basepath), {}))
+    try:
+        saved = RemoteFileSystem.load(name)
+    except (ObjectNotFound, ValueError):  # not saved yet (ValueError: Prefect's word for a missing block)
+        saved = None
+    if saved is not None and (saved.basepath, saved.settings) == (wanted.basepath, wanted.settings):
+        return saved
+    wanted.save(name, overwrite=True)
+    return wanted
 
 
 # --- a lease in the store: one run of an experiment at a time, across machines --------------------------
@@ -391,7 +409,7 @@ def lease(folder: Path, owner_text: Callable[[dict[str, Any]], str]) -> Iterator
     if held and held.get("owner") != mine["owner"] and _alive(held):
         raise LeaseHeld(owner_text(held))
     write()
-    time.sleep(0.3)  # a run that wrote at the same moment has written by now: the last writer holds it
+    time.sleep(SETTLE_SECONDS)
     if (held := read()) and held.get("owner") != mine["owner"]:
         raise LeaseHeld(owner_text(held))
     stop = threading.Event()
