@@ -26,9 +26,12 @@ from fashion_pipeline.tasks.config import (
     TestTimeFlip, ValidationSize, WeightDecay, documented_parameters, parse_config,
 )
 from fashion_pipeline.tasks.ml.devices import resolve_device
-from fashion_pipeline.tasks.plumbing.failures import command_failed, ending_the_run, quiet_known_failures
+from fashion_pipeline.tasks.plumbing.failures import (
+    command_failed, command_interrupted, ending_the_run, interruption, quiet_known_failures, sigterm_as_interrupt,
+)
 from fashion_pipeline.tasks.plumbing.local_server import LocalServer, local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+from fashion_pipeline.tasks.plumbing.run_record import recorded_flow_run
 from fashion_pipeline.tasks.plumbing.storage import local_path
 from fashion_pipeline.tasks.pipeline import run_pipeline
 
@@ -66,7 +69,7 @@ def fashion(
     with ending_the_run():  # a failure is one line; a permanent one is not retried
         config = parse_config(parameters)
         resolved_device = resolve_device(config.device)
-        with experiment_lock(config.run_dir):
+        with experiment_lock(config.run_dir), recorded_flow_run(config.run_dir):
             return run_pipeline(config, resolved_device, mirror_of(config))
 
 
@@ -123,11 +126,15 @@ def run(command: Command) -> int:
         return 0
     try:
         # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
-        with experiment_lock(command.config.run_dir):
+        with sigterm_as_interrupt(), experiment_lock(command.config.run_dir):
             import_ahead(command.config)
             state, server = recorded_run(lambda: fashion(**command.config.model_dump(), return_state=True))
             result = state.result()
-    except Exception as error:  # noqa: BLE001  (every failure ends in its one line)
+    except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
+        if (number := interruption(error)) is not None:
+            return command_interrupted("fashion.py", number, [local_path(command.config.run_dir)])
+        if not isinstance(error, Exception):
+            raise
         return command_failed("fashion.py", error)
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")

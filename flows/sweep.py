@@ -38,9 +38,12 @@ from fashion_pipeline.tasks.ml.devices import device_type, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
-from fashion_pipeline.tasks.plumbing.failures import RunFailed, command_failed, one_line
+from fashion_pipeline.tasks.plumbing.failures import (
+    RunFailed, command_failed, command_interrupted, interruption, one_line, sigterm_as_interrupt,
+)
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+from fashion_pipeline.tasks.plumbing.run_record import recorded_flow_run
 from fashion_pipeline.tasks.plumbing.transactions import own_transactions
 from fashion_pipeline.tasks.sweep.plan import Trial, rung_epochs
 from fashion_pipeline.tasks.sweep.results import METRIC, REPORTED, describe, promote, publish_table, summarise
@@ -90,6 +93,7 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     with ExitStack() as locks:
         for folder in (sweep_dir, *(trial.config.run_dir for trial in trials)):
             locks.enter_context(experiment_lock(folder))
+        locks.enter_context(recorded_flow_run(sweep_dir))  # the sweep's flow run holds its configurations' task runs
         check_shared_folders({"--runs-dir": sweep_dir, "--data-dir": shared.data_dir})
         mirror = mirror_of(shared)
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
@@ -221,13 +225,18 @@ def run(trials: list[Trial], name: str, halving: int | None, dask_address: str |
     runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
                          gpu=cuda)
     try:
-        state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(name=name, trials=trials, halving=halving,
-                                                                              return_state=True))
-        summary = state.result()
+        with sigterm_as_interrupt():
+            state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(
+                name=name, trials=trials, halving=halving, return_state=True))
+            summary = state.result()
     except SweepFailed as error:
         print(f"sweep.py: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # noqa: BLE001  (every failure ends in its one line)
+    except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
+        if (number := interruption(error)) is not None:
+            return command_interrupted("sweep.py", number, [storage.local_path(trial.config.run_dir) for trial in trials])
+        if not isinstance(error, Exception):
+            raise
         return command_failed("sweep.py", error)
     best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], name)
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "

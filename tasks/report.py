@@ -17,6 +17,7 @@ from fashion_pipeline.tasks.config import RunConfig
 from fashion_pipeline.tasks.ml.dataset import CLASSES
 from fashion_pipeline.tasks.ml.hyperparameters import Hyperparameters
 from fashion_pipeline.tasks.plumbing import storage
+from fashion_pipeline.tasks.plumbing.log import stage_logger
 from fashion_pipeline.tasks.plumbing.files import atomic_write, atomic_write_json, digest_json, write_manifest
 from fashion_pipeline.tasks.plumbing.tensorboard_files import event_files, replacing_writer
 
@@ -49,7 +50,10 @@ def report(config: RunConfig, device: str, evaluation: Path | str, stages: dict[
                            atomic_write_json(run_dir / "metrics.json", result)])
     log_to_tensorboard(train_dir, config, device, metrics)
     if TaskRunContext.get() is not None:
-        publish_artifacts(config, result)
+        try:
+            publish_artifacts(config, result)
+        except Exception as error:  # noqa: BLE001  (artifacts are for people to read: never a failed run)
+            stage_logger().warning("The run's summary artifacts were not published: %s", " ".join(str(error).split()))
     return result
 
 

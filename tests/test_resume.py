@@ -138,14 +138,69 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert not list(work.glob("runs/*/train-*/training.json")), "training finished before the kill"
+    [record] = work.glob("runs/*/.flow-run.json")  # the killed run's flow run, which it could not end
+    killed = json.loads(record.read_text())["flow_run_id"]
 
     rerun = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Resuming from" in rerun.stdout + rerun.stderr
+    # Prefect's record is true: the killed run Crashed, none of its task runs left Running.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(killed).state.type.value == "CRASHED"
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[killed])))
+    assert task_runs and all(run.state.is_final() for run in task_runs)
+    assert not list(work.glob("runs/*/.flow-run.json"))
     train_dir = next(work.glob("runs/*/train-*"))
     resumed = torch.load(train_dir / "model.pt", weights_only=True)["model"]
     assert same_weights(resumed, final_weights(reference))
     assert loss_steps(train_dir.parent) == expected_loss_steps(settings, train_size=4000)
+
+
+def test_ctrl_c_and_sigterm_end_in_one_line_and_the_rerun_resumes_bitwise(
+    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
+    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
+    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+    work = tmp_path / "interrupted"
+    work.mkdir()
+    command = [sys.executable, str(FLOW_SCRIPT), *tiny_args(**settings), "--mirror", str(mirror), "--experiment", "ctrl-c"]
+    # Ctrl-C reaches the whole process group, as a terminal sends it; SIGTERM, as a supervisor sends it, the process.
+    for number, status, step in ((signal.SIGINT, 130, 600), (signal.SIGTERM, 143, 1200)):
+        process = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            wait_while_running(process, lambda step=step: list(work.glob(f"runs/*/train-*/checkpoints/step-{step:08d}.pt")),
+                               f"the checkpoint at step {step} appeared", 120, interval=0.01)
+            if number == signal.SIGINT:
+                os.killpg(process.pid, number)
+            else:
+                process.send_signal(number)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        assert process.returncode == status, stderr[-3000:]
+        assert "Traceback" not in stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith(f"fashion.py: interrupted by {number.name}; the checkpoint at step ") and last.endswith(
+            " is kept, and the same command resumes"), last
+        assert int(last.split("at step ")[1].split()[0]) >= step
+    rerun = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    train_dir = next(work.glob("runs/ctrl-c/train-*"))
+    assert same_weights(torch.load(train_dir / "model.pt", weights_only=True)["model"], final_weights(reference))
+    assert loss_steps(train_dir.parent) == expected_loss_steps(settings, train_size=4000)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["ctrl-c"])))
+    assert sorted(run.state.type.value for run in runs) == ["COMPLETED", "CRASHED", "CRASHED"]
 
 
 def test_refreshed_training_that_fails_resumes_on_retry(

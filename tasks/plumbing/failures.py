@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # What to do about each permanent file-system error.
@@ -80,6 +82,48 @@ def command_failed(program: str, error: BaseException) -> int:
     """Print a command's failure as its one line on stderr (Prefect's log above has the rest); its exit status."""
     print(f"{program}: error: {one_line(error)}", file=sys.stderr)
     return exit_status(error)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, as Ctrl-C is KeyboardInterrupt: the run ends in its one line, not at once."""
+
+    signal = signal.SIGTERM
+
+
+def _terminate(number: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated. Prefect's flow engine, which turns SIGTERM into a
+    crash of the flow run, sends the signal again to the handler it found: this one."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruption(error: BaseException) -> int | None:
+    """The signal that interrupted a run, for Ctrl-C (KeyboardInterrupt), Terminated and Prefect's
+    TerminationSignal (its SIGTERM bridge); None for any other error."""
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    number = getattr(error, "signal", None)  # prefect.exceptions.TerminationSignal, without importing Prefect
+    return number if isinstance(number, int) and isinstance(error, BaseException) else None
+
+
+def command_interrupted(program: str, number: int, run_dirs: list[Path]) -> int:
+    """Print an interrupted command's one line on stderr, naming the newest checkpoint that a rerun
+    resumes from; its exit status, 128 + the signal's number, as a shell reports it."""
+    checkpoints = [path for run_dir in run_dirs for path in Path(run_dir).glob("train-*/checkpoints/step-*.pt")]
+    newest = max(checkpoints, key=lambda path: path.stat().st_mtime_ns, default=None)
+    kept = (f"the checkpoint at step {int(newest.stem.removeprefix('step-'))} is kept" if newest
+            else "no training had reached its first checkpoint")
+    print(f"{program}: interrupted by {signal.Signals(number).name}; {kept}, and the same command resumes",
+          file=sys.stderr)
+    return 128 + number
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -23,7 +25,8 @@ class StepProgress:
         if prefect_run_context() is not None:  # in a Prefect run, the UI shows the progress too
             from prefect.artifacts import create_progress_artifact
 
-            self.artifact_id = create_progress_artifact(progress=self.percent(), description=description)
+            self.artifact_id = self._best_effort(create_progress_artifact, progress=self.percent(),
+                                                 description=description)
 
     def percent(self) -> float:
         return 100.0 * self.done / max(self.total, 1)
@@ -51,7 +54,17 @@ class StepProgress:
         if self.artifact_id is not None:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, progress=self.percent())
+            self._best_effort(update_progress_artifact, self.artifact_id, progress=self.percent())
+
+    def _best_effort(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`call`'s result; on any failure (the Prefect server unreachable, say) one warning, and no
+        more progress artifact: progress is for people to look at, and never fails the stage."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            stage_logger().warning("The progress artifact is no longer updated: %s", " ".join(str(error).split()))
+            self.artifact_id = None
+            return None
 
     def close(self) -> None:
         if self.bar is not None:

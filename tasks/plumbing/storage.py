@@ -286,6 +286,16 @@ def publish_files(files: Iterable[Path]) -> None:
         send(Path(file))
 
 
+def discard(path: Path) -> None:
+    """Remove a mirror path's object from the store, if there is one."""
+    remote = _remote(path)
+    if remote is not None:
+        filesystem, key = remote
+        filesystem.invalidate_cache(key)
+        if filesystem.exists(key):
+            _delete(filesystem, [key])
+
+
 def _matching(filesystem: AbstractFileSystem, key: str, patterns: list[str]) -> dict[str, dict[str, Any]]:
     """The store's objects below `key` whose paths relative to it match a pattern: relative path -> info."""
     filesystem.invalidate_cache(key)
