@@ -191,6 +191,44 @@ def test_killed_run_leaves_the_server_up_until_it_is_idle(new_home: dict[str, st
     assert_quiet(rerun)
 
 
+def test_a_run_outlives_its_local_server(new_home: dict[str, str], prefect_api_url: str, tmp_path: Path) -> None:
+    """The local server SIGKILLed mid-training: the run starts it again at the same address and goes on."""
+    import torch
+
+    from tests.helpers import TINY, final_weights, run_tiny_flow, same_weights
+    from tests.synthetic import write_synthetic_fashion_mnist
+
+    mirror = tmp_path / "mirror"
+    checksums = str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200))
+    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASHION_MNIST_CHECKSUMS", checksums)
+        reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+    env = new_home | {"FASHION_MNIST_CHECKSUMS": checksums}
+    process = subprocess.Popen([sys.executable, str(FLOW_SCRIPT), *tiny_args(**settings), "--mirror", str(mirror)],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_while_running(process, lambda: list((tmp_path / "runs").glob("*/train-*/checkpoints/step-00000300.pt")),
+                           "the checkpoint at step 300", 120, interval=0.01)
+        killed = local_server.running(home_of(env))
+        os.kill(killed.pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "| ERROR" not in stderr, stderr[-3000:]
+    assert f"The local Prefect server (pid {killed.pid}) has stopped; starting it again at {killed.url}" in stderr
+    train_dir = next((tmp_path / "runs").glob("*/train-*"))
+    assert same_weights(torch.load(train_dir / "model.pt", weights_only=True)["model"], final_weights(reference))
+    # The new server, at the same address, has the whole record: the run and every task run of it ended.
+    assert api(env) == killed.url
+    [flow_run] = recorded(env, "flow_runs")
+    assert flow_run["state"]["type"] == "COMPLETED"
+    task_runs = recorded(env, "task_runs")
+    assert len(task_runs) == TASK_RUNS and {task_run["state"]["type"] for task_run in task_runs} == {"COMPLETED"}
+
+
 @pytest.mark.slow
 def test_stop_command(new_home: dict[str, str], tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fashion_pipeline.tasks.plumbing.local_server"]

@@ -48,6 +48,7 @@ from fashion_pipeline.tasks.plumbing.polling import wait_for
 
 TESTED_PREFECT = "3.9"  # the Prefect minor release whose internals this module uses; pinned in pyproject.toml
 STARTUP_SECONDS = 120.0  # a new database on a slow machine takes tens of seconds to migrate
+WATCH_SECONDS = 1.0  # how often a run checks that its local server still lives
 IDLE_ENV, IDLE_DEFAULT = "FASHION_SERVER_IDLE_SECONDS", 900.0
 STATE, START_LOCK, LEASE, ALIVE, LOG = "server.json", "server.lock", "server.lease", "server.alive", "server.log"
 # Off on the local server unless set by the user (environment or profile). A server for local runs
@@ -160,8 +161,34 @@ def local_server_settings() -> Iterator[LocalServer | None]:
         _fall_back(str(problem))
         yield None
         return
-    with temporary_settings(updates={PREFECT_API_URL: _server.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield _server
+    stop = threading.Event()
+    watchdog = threading.Thread(target=_keep_serving, args=(_pending[0], _server, stop), name="local-server-watchdog",
+                                daemon=True)
+    watchdog.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: _server.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield _server
+    finally:
+        stop.set()
+        watchdog.join()
+
+
+def _keep_serving(home: Path, server: LocalServer, stop: threading.Event) -> None:
+    """While the run uses `server`: should its process die (killed, out of memory), start it again at
+    the same address. The run's Prefect client retries a refused connection once it has connected,
+    so its states and logs reach the new server (on the same database) and the run goes on."""
+    from prefect.logging import get_logger
+
+    port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+    while not stop.wait(WATCH_SECONDS):
+        if _alive_lock_held(home):
+            continue  # serving (a run holds the lease, so it never stops by itself meanwhile)
+        get_logger("local_server").warning("The local Prefect server (pid %d) has stopped; starting it again at %s",
+                                           server.pid, server.url)
+        try:
+            _wait_until_running(home, _spawn(home, port))
+        except Exception as error:  # noqa: BLE001  (a port taken meanwhile, say: the next round tries again)
+            get_logger("local_server").warning("The local Prefect server did not start again: %s", error)
 
 
 def wait_until_recorded(flow_run_id: Any, timeout: float = 30.0) -> None:
@@ -275,15 +302,16 @@ def _hold_lease(home: Path) -> None:
     _leases.append(lease)
 
 
-def _spawn(home: Path) -> subprocess.Popen:
-    """Start a server process for `home`, in a session of its own so that it outlives this run."""
+def _spawn(home: Path, port: int = 0) -> subprocess.Popen:
+    """Start a server process for `home`, in a session of its own so that it outlives this run; on
+    `port` where it is free (0: any)."""
     from prefect.settings import get_current_settings
 
     chosen = get_current_settings().to_environment_variables(exclude_unset=True)  # the user's, from env or profile
     defaults = {name: value for name, value in SERVICE_DEFAULTS.items() if name not in chosen and name not in os.environ}
     with open(home / LOG, "ab") as log:
         # __spec__.name, not __name__: this module may be __main__ (python -m ... start)
-        return subprocess.Popen(module_command(__spec__.name, "serve", str(home)),
+        return subprocess.Popen(module_command(__spec__.name, "serve", str(home), str(port)),
                                 env={**os.environ, **defaults, **chosen},
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=home)
@@ -317,8 +345,9 @@ def _wait_until_running(home: Path, process: subprocess.Popen | None) -> LocalSe
 # --- the server's side ----------------------------------------------------------------------------
 
 
-def serve(home: Path) -> int:
-    """Run the server of `home` until it has been idle for FASHION_SERVER_IDLE_SECONDS or is told to stop."""
+def serve(home: Path, port: int = 0) -> int:
+    """Run the server of `home` until it has been idle for FASHION_SERVER_IDLE_SECONDS or is told to stop;
+    on `port` where it is free (a restart keeps its runs' address), else on any."""
     idle_seconds = float(os.environ.get(IDLE_ENV) or IDLE_DEFAULT)
     start_lock = open(home / START_LOCK, "a+")  # noqa: SIM115
     fcntl.flock(start_lock, fcntl.LOCK_EX)  # one server starts at a time; the others find it running
@@ -330,7 +359,11 @@ def serve(home: Path) -> int:
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
     # reply on a kept-alive connection waits for a delayed ACK (tens of milliseconds a request).
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.bind(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the killed server's connections linger
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError:
+        listener.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
     # Before Prefect reads its settings: what the UI in the browser talks to.
     os.environ.setdefault("PREFECT_SERVER_UI_API_URL", url)
@@ -442,7 +475,7 @@ def main(argv: list[str]) -> int:
     """`status`, `start` or `stop` the local Prefect server of this Prefect home."""
     command = argv[0] if argv else "status"
     if command == "serve":  # the server process itself, started by `start()`
-        return serve(Path(argv[1]))
+        return serve(Path(argv[1]), int(argv[2]) if len(argv) > 2 else 0)
     from prefect.settings import get_current_settings
 
     home = Path(get_current_settings().home)
