@@ -4,6 +4,8 @@ sweep planning."""
 from __future__ import annotations
 
 import inspect
+import math
+import os
 import typing
 from pathlib import Path
 
@@ -338,3 +340,32 @@ def test_stage_decorator_owns_the_manifest_protocol(tmp_path: Path) -> None:
     assert calls == [1, 2, 2, 2]
     assert example.task.name == "example" and list(inspect.signature(example.task.fn).parameters) == [
         "folder", "value", "refresh"]
+
+
+def test_a_container_cpu_limit_sizes_the_local_cluster_and_the_training_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fashion_pipeline.tasks.ml import devices
+    from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner
+
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(devices, "CGROUP_V2_MAX", cpu_max)
+    monkeypatch.setattr(devices, "CGROUP_V1_QUOTA", tmp_path / "absent")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    affinity = len(os.sched_getaffinity(0))
+    for text, limit in (("max 100000", None), ("100000 100000", 1.0), ("50000 100000", 0.5), ("150000 100000", 1.5)):
+        cpu_max.write_text(text + "\n")
+        assert devices.cgroup_cpu_limit() == limit
+        expected = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
+        assert devices.usable_cores() == devices.cpu_threads(64) == expected
+    cpu_max.write_text("100000 100000\n")  # a pod with limits.cpu 1, on a node with more cores
+    cluster = local_runner().cluster_kwargs
+    assert cluster["n_workers"] == 1 and cluster["env"]["OMP_NUM_THREADS"] == "1"
+    cpu_max.unlink()  # cgroup v1: quota -1 is no limit
+    monkeypatch.setattr(devices, "CGROUP_V1_QUOTA", tmp_path / "quota")
+    monkeypatch.setattr(devices, "CGROUP_V1_PERIOD", tmp_path / "period")
+    (tmp_path / "quota").write_text("-1\n")
+    (tmp_path / "period").write_text("100000\n")
+    assert devices.cgroup_cpu_limit() is None
+    (tmp_path / "quota").write_text("100000\n")
+    assert devices.usable_cores() == 1

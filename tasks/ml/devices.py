@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
+from pathlib import Path
 
 from fashion_pipeline.tasks.config import ConfigError
 
@@ -15,9 +17,33 @@ def device_type(device: str) -> str:
     return device.partition(":")[0]
 
 
+# Where Linux gives a container's CPU limit: cgroup v2's quota and period, and cgroup v1's.
+CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA, CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS has one, as in a container)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may use: its affinity where the OS has one, capped by a container's CPU
+    limit (a cgroup quota, as a Kubernetes pod's `limits.cpu` sets it; rounded up, at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit else cores
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPUs a cgroup quota allows this process (1.5 for `150000 100000`), or None without a quota."""
+    try:
+        quota, _, period = CGROUP_V2_MAX.read_text().strip().partition(" ")
+    except OSError:
+        try:
+            quota, period = CGROUP_V1_QUOTA.read_text().strip(), CGROUP_V1_PERIOD.read_text().strip()
+        except OSError:
+            return None
+    try:
+        allowed, length = int(quota), int(period or 100000)
+    except ValueError:  # "max": no quota
+        return None
+    return allowed / length if allowed > 0 and length > 0 else None  # cgroup v1's -1: no quota
 
 
 def cpu_threads(batch_size: int) -> int:
