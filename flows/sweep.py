@@ -37,7 +37,7 @@ from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
-from fashion_pipeline.tasks.plumbing.dask_cluster import local_runner, task_runner
+from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass, local_runner, task_runner
 from fashion_pipeline.tasks.plumbing.failures import (
     RunFailed, command_failed, command_interrupted, interruption, one_line, sigterm_as_interrupt,
 )
@@ -218,12 +218,12 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
 
 
 def run(trials: list[Trial], name: str, halving: int | None, dask_address: str | None, workers: int | None,
-        dask_report: str | None) -> int:
+        dask_report: str | None, cluster: ClusterClass | None = None) -> int:
     """Run the sweep of the checked `trials` (flows/sweep_command_line.py) and print its outcome; the exit status."""
     cuda = any(on_cuda(trial) for trial in trials)
     # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
     runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
-                         gpu=cuda)
+                         gpu=cuda, cluster=cluster)
     try:
         with sigterm_as_interrupt():
             state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(

@@ -26,6 +26,14 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def bounds(text: str) -> tuple[int, int]:
+    """An argparse type: MIN:MAX, two whole numbers."""
+    low, colon, high = text.partition(":")
+    if not (colon and low.isdigit() and high.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, e.g. 1:8 (got {text!r})")
+    return int(low), int(high)
+
+
 def json_value(kind: type) -> Any:
     """An argparse type: JSON text holding a `kind` (dict or list)."""
 
@@ -63,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Run on this existing Dask scheduler instead of a temporary local cluster.")
     where.add_argument("--workers", type=positive, metavar="N",
                        help="Worker processes of the local cluster (default: one per CPU core, at most one per run).")
+    where.add_argument("--dask-cluster", metavar="CLASS",
+                       help="A cluster class that starts the workers, by import path: dask_jobqueue.SLURMCluster, "
+                            "dask_kubernetes.operator.KubeCluster, distributed.LocalCluster, ...")
+    parser.add_argument("--dask-cluster-kwargs", type=json_value(dict), metavar="JSON", default={},
+                        help="Keyword arguments of --dask-cluster, e.g. '{\"cores\": 8, \"memory\": \"16GB\"}'.")
+    parser.add_argument("--adapt", type=bounds, metavar="MIN:MAX",
+                        help="Let --dask-cluster scale between MIN and MAX workers with the sweep's load.")
     parser.add_argument("--halving", type=positive, metavar="ETA",
                         help="Successive halving: every configuration trains for the first rung's epochs, the best "
                              "1/ETA by validation accuracy continue to the next, up to --epochs.")
@@ -101,10 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving)
         if args.dask_address:
             check_scheduler(args.dask_address)
+        cluster = None
+        if (args.dask_cluster_kwargs or args.adapt) and not args.dask_cluster:
+            raise ConfigError("--dask-cluster-kwargs and --adapt are for --dask-cluster: name the cluster class")
+        if args.dask_cluster:
+            from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass
+
+            cluster = ClusterClass(args.dask_cluster, args.dask_cluster_kwargs, args.adapt)
+            cluster.check()
     except ConfigError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
     local_server.start()  # boots while the flow's heavy imports run
     from fashion_pipeline.flows.sweep import run
 
-    return run(trials, args.name, args.halving, args.dask_address, args.workers, args.dask_report)
+    return run(trials, args.name, args.halving, args.dask_address, args.workers, args.dask_report, cluster)

@@ -211,6 +211,33 @@ def test_unreachable_scheduler_is_one_line_before_any_work(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("cluster, message", [
+    (["--dask-cluster", "no_such_package.Cluster"], "--dask-cluster no_such_package.Cluster: cannot import no_such_package"),
+    (["--dask-cluster", "distributed.NoSuchCluster"], "--dask-cluster distributed.NoSuchCluster: no such class"),
+    (["--dask-cluster", "distributed.SpecCluster", "--dask-cluster-kwargs", '{"n_workers": 2}'],
+     "--dask-cluster-kwargs: distributed.SpecCluster refuses them: got an unexpected keyword argument 'n_workers'"),
+    (["--adapt", "1:2"], "--dask-cluster-kwargs and --adapt are for --dask-cluster"),
+])
+def test_a_bad_cluster_class_is_one_line_before_any_work(
+    cluster: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--grid", '{"lr": [0.01]}', *cluster, "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_cluster_class_that_scales(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) -> None:
+    kwargs = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0"}
+    assert main(["--name", "scaled", "--grid", '{"lr": [0.01, 0.02]}', "--dask-cluster", "distributed.LocalCluster",
+                 "--dask-cluster-kwargs", json.dumps(kwargs), "--adapt", "1:2", "--runs-dir", str(tmp_path / "runs"),
+                 "--data-dir", str(tmp_path / "data"), "--mirror", str(synthetic_mirror),
+                 *tiny_args(validation_size=VALIDATION)]) == 0
+    summary = read_summary(tmp_path, "scaled")
+    assert [entry["state"] for entry in summary["configurations"]] == ["Completed", "Completed"]
+
+
 @pytest.mark.slow
 def test_local_sweep_serves_its_dask_dashboard_and_writes_a_report(prefect_api_url: str, synthetic_mirror: Path,
                                                                    tmp_path: Path) -> None:

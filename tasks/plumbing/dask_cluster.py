@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed import LocalCluster
@@ -59,9 +62,46 @@ def local_cluster(**options: Any) -> LocalCluster:
     return LocalCluster(**options | {"env": options.get("env", {}) | {"PREFECT_API_URL": str(api_url)}})
 
 
-def task_runner(dask_address: str | None, workers: int, report: str | None = None, gpu: bool = False) -> DaskTaskRunner:
-    """The existing Dask cluster at `dask_address`, else a local one of `workers` processes (offering
-    this machine's GPU with `gpu`); `report` names a file for Dask's performance report."""
+@dataclass(frozen=True)
+class ClusterClass:
+    """A cluster that a cluster manager starts for the sweep (dask-jobqueue, dask-kubernetes, ...)."""
+
+    path: str  # its import path: "dask_jobqueue.SLURMCluster"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # given to it
+    adapt: tuple[int, int] | None = None  # scale between this many workers (Dask's adaptive scaling)
+
+    def check(self) -> None:
+        """A ConfigError, in one line, unless the class imports and takes these keyword arguments."""
+        from fashion_pipeline.tasks.config import ConfigError
+
+        module, _, name = self.path.rpartition(".")
+        try:
+            cluster = getattr(importlib.import_module(module), name) if module else None
+        except ImportError as error:
+            raise ConfigError(f"--dask-cluster {self.path}: cannot import {module} ({error}); install the package "
+                              "that provides it") from None
+        except AttributeError:
+            cluster = None
+        if not callable(cluster):
+            raise ConfigError(f"--dask-cluster {self.path}: no such class; give an import path such as "
+                              "dask_jobqueue.SLURMCluster") from None
+        try:
+            inspect.signature(cluster).bind_partial(**self.kwargs)
+        except TypeError as error:
+            raise ConfigError(f"--dask-cluster-kwargs: {self.path} refuses them: {error}") from None
+        if self.adapt and not 0 <= self.adapt[0] <= self.adapt[1]:
+            raise ConfigError(f"--adapt {self.adapt[0]}:{self.adapt[1]}: give MIN:MAX with 0 <= MIN <= MAX")
+
+
+def task_runner(dask_address: str | None, workers: int, report: str | None = None, gpu: bool = False,
+                cluster: ClusterClass | None = None) -> DaskTaskRunner:
+    """The existing Dask cluster at `dask_address`, else one that `cluster`'s class starts (and scales),
+    else a local one of `workers` processes (offering this machine's GPU with `gpu`); `report` names a
+    file for Dask's performance report."""
     if dask_address:
         return DaskTaskRunner(address=dask_address, performance_report_path=report)
+    if cluster:
+        adapt = {"minimum": cluster.adapt[0], "maximum": cluster.adapt[1]} if cluster.adapt else None
+        return DaskTaskRunner(cluster_class=cluster.path, cluster_kwargs=cluster.kwargs, adapt_kwargs=adapt,
+                              performance_report_path=report)
     return local_runner(workers, report, gpu)
