@@ -34,7 +34,7 @@ from prefect.futures import PrefectFuture
 from fashion_pipeline.flows.fashion import mirror_of, recorded_run
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.download import download
-from fashion_pipeline.tasks.ml.devices import device_type, usable_cores
+from fashion_pipeline.tasks.ml.devices import device_type, resolve_device, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass, local_runner, task_runner
@@ -69,8 +69,12 @@ def configuration(trial: Trial, mirror: str | None) -> dict[str, Any]:
     """One configuration's pipeline, its stages nested in this task run; its report, with every stage's state."""
     run = StageRunner(trial.config.refresh)
     try:
+        device = resolve_device(trial.device)  # on the worker that trains it
+    except ConfigError as error:
+        raise ConfigurationFailed(f"configuration: on Dask worker {_worker_name()}: {error}", {}) from None
+    try:
         with own_transactions():  # each stage commits as it ends, as in a single run
-            result = run_pipeline(trial.config, trial.device, mirror, run)
+            result = run_pipeline(trial.config, device, mirror, run)
     except Exception as error:
         raise ConfigurationFailed(f"{run.failed or 'configuration'}: {one_line(error)}", run.states) from error
     return result | {"stages": run.states}
@@ -95,6 +99,7 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
             locks.enter_context(experiment_lock(folder))
         locks.enter_context(recorded_flow_run(sweep_dir))  # the sweep's flow run holds its configurations' task runs
         check_shared_folders({"--runs-dir": sweep_dir, "--data-dir": shared.data_dir})
+        check_gpu_workers(trials)
         mirror = mirror_of(shared)
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
         in_store(download.task, shared.data_dir)(data_dir=shared.data_dir, mirror=mirror,
@@ -121,6 +126,29 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
         raise SweepFailed(f"{len(failed)} of {len(entries)} configurations failed ({failed[0]['name']}: "
                           f"{failed[0]['error']}); see {storage.join(sweep_dir, 'sweep.json')}")
     return summary
+
+
+def _worker_name() -> str:
+    """This Dask worker's name, or "(none)" outside one."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().name)
+    except ValueError:
+        return "(none)"
+
+
+def check_gpu_workers(trials: list[Trial]) -> None:
+    """A ConfigError, before any training, when configurations need a GPU and no worker of the cluster
+    offers one (Dask would keep them waiting for ever); a cluster with no worker yet (scaling up) is
+    left to start them."""
+    client = getattr(FlowRunContext.get().task_runner, "client", None)
+    if client is None or not any(on_cuda(trial) for trial in trials):
+        return
+    workers = client.scheduler_info()["workers"].values()
+    if workers and not any(worker.get("resources", {}).get("GPU") for worker in workers):
+        raise ConfigError("--device cuda: no Dask worker offers the resource GPU; start GPU workers with "
+                          "`dask worker ... --resources GPU=1`")
 
 
 def check_shared_folders(folders: dict[str, str]) -> None:

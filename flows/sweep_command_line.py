@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if serve:
             raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
-        trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving)
+        # On a cluster of other machines, the devices are theirs: each worker checks its own.
+        trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving,
+                      devices_here=not (args.dask_address or args.dask_cluster))
         if args.dask_address:
             check_scheduler(args.dask_address)
         cluster = None

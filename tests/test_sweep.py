@@ -227,6 +227,34 @@ def test_a_bad_cluster_class_is_one_line_before_any_work(
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_gpu_sweep_from_a_cpu_only_client_checks_devices_on_the_workers(
+    dask_address: str, synthetic_folder: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    command = [sys.executable, str(REPO / "flows" / "sweep.py"), "--grid", '{"lr": [0.01]}',
+               *sweep_args(tmp_path, synthetic_folder, dask_address), "--device", "cuda"]
+    # Workers without a GPU: refused in one line, not left waiting for one; this machine's lack of
+    # CUDA is not the reason (the client does not train).
+    done = subprocess.run([*command, "--name", "cpu-workers"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1] == ("sweep.py: error: --device cuda: no Dask worker offers the resource GPU; "
+                                            "start GPU workers with `dask worker ... --resources GPU=1`")
+    # A worker that offers a GPU (as a Dask resource) gets the configuration, and checks its device itself.
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", resources={"GPU": 1},
+                      dashboard_address="127.0.0.1:0") as cluster:
+        command[command.index(dask_address)] = cluster.scheduler_address
+        done = subprocess.run([*command, "--name", "gpu-worker"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    [entry] = read_summary(tmp_path, "gpu-worker")["configurations"]
+    assert entry["state"] == "Failed"
+    assert entry["error"].startswith("configuration: on Dask worker ")
+    assert entry["error"].endswith(": --device cuda: CUDA is not available on this machine")
+
+
 @pytest.mark.slow
 def test_a_sweep_on_a_cluster_class_that_scales(prefect_api_url: str, synthetic_mirror: Path, tmp_path: Path) -> None:
     kwargs = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": "127.0.0.1:0"}

@@ -26,11 +26,12 @@ class Trial:
     name: str
     values: dict[str, Any]
     config: RunConfig
-    device: str  # resolved: "cpu", "cuda:1", ...
+    device: str  # resolved ("cpu", "cuda:1", ...), or as asked where the workers resolve it
 
 
 def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = None,
-         configurations: list[dict[str, Any]] | None = None, halving: int | None = None) -> list[Trial]:
+         configurations: list[dict[str, Any]] | None = None, halving: int | None = None,
+         devices_here: bool = True) -> list[Trial]:
     """Check every configuration of a sweep before any work; a bad one is a one-line ConfigError.
 
     Args:
@@ -40,6 +41,8 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
         configurations: or a list of parameter overrides, one configuration each.
         halving: successive halving's ETA, or None; its rungs continue trainings, so every
             configuration must have the constant schedule and the same epochs.
+        devices_here: whether the configurations train on this machine, which then resolves and
+            checks their devices; else each worker does, where it trains one (`Trial.device` as asked).
     """
     if (grid is None) == (configurations is None):
         raise ConfigError("give either a grid or a list of configurations")
@@ -70,7 +73,7 @@ def plan(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = No
         seen[label] = override
         config = _checked(base | override | {"experiment": f"{name}/{label}"}, override)
         try:
-            device = resolve_device(config.device)
+            device = resolve_device(config.device) if devices_here else config.device
         except ConfigError as error:
             where = f"configuration {_show(override)}: " if "device" in override else ""
             raise ConfigError(f"{where}{error}") from None
