@@ -60,6 +60,7 @@ class CheckpointStore:
         """
         path = self.folder / f"step-{state['global_step']:08d}.pt"
         data = _serialised(state)
+        path.unlink(missing_ok=True)  # saved again (an epoch ending on a checkpoint step): never beside a new checksum
         atomic_write(checksum_file(path), lambda stream: stream.write(hashlib.sha256(data).hexdigest().encode()))
         atomic_write(path, lambda stream: stream.write(data))
         for old in self.paths()[: -self.keep]:

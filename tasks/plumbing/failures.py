@@ -111,14 +111,18 @@ def interruption(error: BaseException) -> int | None:
     if isinstance(error, KeyboardInterrupt):
         return signal.SIGINT
     number = getattr(error, "signal", None)  # prefect.exceptions.TerminationSignal, without importing Prefect
-    return number if isinstance(number, int) and isinstance(error, BaseException) else None
+    return number if isinstance(number, int) else None
 
 
 def command_interrupted(program: str, number: int, run_dirs: list[Path]) -> int:
     """Print an interrupted command's one line on stderr, naming the newest checkpoint that a rerun
     resumes from; its exit status, 128 + the signal's number, as a shell reports it."""
-    checkpoints = [path for run_dir in run_dirs for path in Path(run_dir).glob("train-*/checkpoints/step-*.pt")]
-    newest = max(checkpoints, key=lambda path: path.stat().st_mtime_ns, default=None)
+    from fashion_pipeline.tasks.plumbing import storage
+
+    found = [path for run_dir in run_dirs for path in Path(run_dir).glob("train-*/checkpoints/step-*.pt")]
+    # Newest first, by step; the first that a rerun would find (for a run in a store: one that reached it).
+    newest = next((path for path in sorted(found, key=lambda path: path.name, reverse=True)
+                   if storage.published(path)), None)
     kept = (f"the checkpoint at step {int(newest.stem.removeprefix('step-'))} is kept" if newest
             else "no training had reached its first checkpoint")
     print(f"{program}: interrupted by {signal.Signals(number).name}; {kept}, and the same command resumes",

@@ -186,7 +186,7 @@ def _keep_serving(home: Path, server: LocalServer, stop: threading.Event) -> Non
         get_logger("local_server").warning("The local Prefect server (pid %d) has stopped; starting it again at %s",
                                            server.pid, server.url)
         try:
-            _wait_until_running(home, _spawn(home, port))
+            _wait_until_running(home, _spawn(home, port), port)
         except Exception as error:  # noqa: BLE001  (a port taken meanwhile, say: the next round tries again)
             get_logger("local_server").warning("The local Prefect server did not start again: %s", error)
 
@@ -317,8 +317,8 @@ def _spawn(home: Path, port: int = 0) -> subprocess.Popen:
                                 start_new_session=True, cwd=home)
 
 
-def _wait_until_running(home: Path, process: subprocess.Popen | None) -> LocalServer:
-    """The server of `home` once it answers; `process` is the one this run started, if any."""
+def _wait_until_running(home: Path, process: subprocess.Popen | None, port: int = 0) -> LocalServer:
+    """The server of `home` once it answers; `process` is the one this run started, if any (on `port`)."""
 
     def up() -> LocalServer | None:
         nonlocal process
@@ -328,7 +328,7 @@ def _wait_until_running(home: Path, process: subprocess.Popen | None) -> LocalSe
             return None  # a server is starting: wait for it
         if process is None or process.poll() == 0:
             # The server seen by start() has stopped since, or the one started found another that has.
-            process = _spawn(home)
+            process = _spawn(home, port)
         elif process.returncode == INCOMPATIBLE_STATUS:
             raise IncompatibleServer((home / LOG).read_text().strip().splitlines()[-1])
         elif process.poll() is not None:

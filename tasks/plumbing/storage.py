@@ -16,6 +16,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -124,8 +125,8 @@ def check(location: str) -> None:
         raise StoreError(f"the driver for {scheme}:// is not installed: {hint}") from None
     except ValueError:
         raise StoreError(f"unknown storage scheme {scheme}://; use a local folder, file://, s3:// or gs://") from None
-    filesystem, _ = _filesystem(location)  # the process's client for the store: made once, used by every stage
     try:
+        filesystem, _ = _filesystem(location)  # the process's client for the store: made once, used by every stage
         filesystem.ls(bucket, detail=False)
     except FileNotFoundError:
         raise StoreError(f"bucket {bucket!r} does not exist") from None
@@ -219,9 +220,11 @@ def send(path: Path) -> None:
     if remote is None or _in_step(path):
         return
     filesystem, key = remote
+    before = _stat(path)  # a file written to meanwhile must not count as sent
     filesystem.put_file(str(path), key)
     filesystem.invalidate_cache(key)
-    _remember(path, _identity(filesystem.info(key)))
+    with _synced_lock:
+        _synced[path.absolute()] = (before, _identity(filesystem.info(key)))
 
 
 def _delete(filesystem: AbstractFileSystem, keys: Iterable[str]) -> None:
@@ -250,8 +253,8 @@ def fetched_manifest(location: str | Path) -> Path:
     """An upstream stage's manifest (a path, or a URL in a store) as a local path; from a store, fetched
     with the files it names. A local one is left to the stage that reads it: it is the fast path."""
     path = local_path(location)
-    if _remote(path) is not None:
-        read_verified(path)
+    if _remote(path) is not None and read_verified(path) is None:
+        raise StoreError(f"{location_of(path)} is not in the store, or its files there do not match it")
     return path
 
 
@@ -321,7 +324,9 @@ def push(folder: Path, patterns: list[str]) -> None:
         return
     filesystem, key = remote
     here = _local_matching(folder, patterns)
-    for name in sorted(here):
+    # Checksum files before what they vouch for, as they are written: a push cut short leaves no
+    # checkpoint in the store that cannot be verified.
+    for name in sorted(here, key=lambda name: (not name.endswith(".sha256"), name)):
         send(folder / name)
     _delete(filesystem, (f"{key}/{name}" for name in _matching(filesystem, key, patterns) if name not in here))
 
@@ -340,14 +345,19 @@ def pull(folder: Path, patterns: list[str]) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def exists(location: str) -> bool:
-    """Whether a file exists at a location: in its store, or on this machine."""
-    remote = _remote(local_path(location))
+def published(path: Path) -> bool:
+    """Whether a file is where a rerun finds it: on this machine's disk, or in its store for a mirror path."""
+    remote = _remote(path)
     if remote is None:
-        return local_path(location).exists()
+        return path.exists()
     filesystem, key = remote
     filesystem.invalidate_cache(key)
     return filesystem.exists(key)
+
+
+def exists(location: str) -> bool:
+    """Whether a file exists at a location: in its store, or on this machine."""
+    return published(local_path(location))
 
 
 def result_storage(location: str) -> Any:
@@ -427,6 +437,11 @@ def lease(folder: Path, owner_text: Callable[[dict[str, Any]], str]) -> Iterator
     def renew() -> None:
         while not stop.wait(seconds / 3):
             try:
+                if (held := read()) and held.get("owner") != mine["owner"]:
+                    # Lapsed (renewals failed, the machine slept) and taken: never overwrite the new holder's.
+                    logging.getLogger("fashion").warning("The lease on %s was taken by another run: %s",
+                                                         location_of(folder), owner_text(held))
+                    return
                 write()
             except Exception:  # noqa: BLE001  (a store hiccup: the next renewal tries again, well before expiry)
                 continue
@@ -438,8 +453,12 @@ def lease(folder: Path, owner_text: Callable[[dict[str, Any]], str]) -> Iterator
     finally:
         stop.set()
         renewer.join()
-        if (held := read()) and held.get("owner") == mine["owner"]:
-            filesystem.rm_file(key)
+        try:
+            if (held := read()) and held.get("owner") == mine["owner"]:
+                filesystem.rm_file(key)
+        except Exception:  # noqa: BLE001  (the store unreachable: the lease expires by itself)
+            logging.getLogger("fashion").warning("The lease on %s was not released; it expires in %d s",
+                                                 location_of(folder), seconds)
 
 
 def _alive(record: dict[str, Any]) -> bool:
