@@ -22,7 +22,7 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("FASHION_MNIST_MIRROR", None)
 
-from tests.helpers import SHARED_DATA, run_tiny_flow  # noqa: E402
+from tests.helpers import SHARED_DATA, TINY, run_tiny_flow  # noqa: E402
 from tests.object_store import s3_server  # noqa: E402
 from tests.synthetic import write_synthetic_fashion_mnist  # noqa: E402
 
@@ -83,6 +83,16 @@ def real_data(monkeypatch: pytest.MonkeyPatch) -> Path:
         pytest.skip(f"real Fashion-MNIST files not found in {SHARED_DATA}")
     monkeypatch.delenv("FASHION_MNIST_CHECKSUMS", raising=False)
     return SHARED_DATA
+
+
+@pytest.fixture
+def long_training(prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict, dict]:
+    """A synthetic mirror large enough that training lasts a few seconds (4000 / 4 = 1000 steps an
+    epoch), the settings to train on it, and that training run uninterrupted, to compare a resumed one with."""
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
+    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
+    return mirror, settings, run_tiny_flow(tmp_path / "reference", mirror, **settings)
 
 
 @pytest.fixture(scope="session")

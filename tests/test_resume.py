@@ -17,7 +17,7 @@ from tests.helpers import (
     FLOW_SCRIPT, TINY, VALIDATION, expected_loss_steps, final_weights, run_tiny_flow, same_weights, tiny_args, total_steps,
     wait_while_running,
 )
-from tests.synthetic import TRAIN_SIZE, write_synthetic_fashion_mnist
+from tests.synthetic import TRAIN_SIZE
 from tests.tensorboard_reader import image_steps, load_runs, loss_steps, scalar_steps, training_run
 
 
@@ -117,13 +117,9 @@ def test_checkpoint_store_rejects_foreign_and_broken_files(tmp_path: Path) -> No
 
 
 def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
-    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    long_training: tuple[Path, dict, dict], tmp_path: Path
 ) -> None:
-    # Enough synthetic images that training lasts a few seconds: 4000 / 4 = 1000 steps an epoch.
-    mirror = tmp_path / "mirror"
-    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
-    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
-    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+    mirror, settings, reference = long_training
 
     work = tmp_path / "killed"
     work.mkdir()
@@ -160,15 +156,12 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(
 
 
 def test_ctrl_c_and_sigterm_end_in_one_line_and_the_rerun_resumes_bitwise(
-    prefect_api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    long_training: tuple[Path, dict, dict], tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
-    mirror = tmp_path / "mirror"
-    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
-    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
-    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+    mirror, settings, reference = long_training
     work = tmp_path / "interrupted"
     work.mkdir()
     command = [sys.executable, str(FLOW_SCRIPT), *tiny_args(**settings), "--mirror", str(mirror), "--experiment", "ctrl-c"]

@@ -29,7 +29,6 @@ from fashion_pipeline.tasks.plumbing import storage
 from tests.helpers import (
     FLOW_SCRIPT,
     REPO,
-    TINY,
     VALIDATION,
     expected_loss_steps,
     final_weights,
@@ -133,13 +132,9 @@ def test_a_run_on_the_store_shows_every_tab_and_reruns_cached_on_another_machine
 
 
 def test_a_killed_run_on_the_store_resumes_on_another_machine_bitwise(
-    prefect_api_url: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    long_training: tuple[Path, dict, dict], bucket: str, tmp_path: Path
 ) -> None:
-    # Enough synthetic images that training lasts a few seconds: 4000 / 4 = 1000 steps an epoch.
-    mirror = tmp_path / "mirror"
-    monkeypatch.setenv("FASHION_MNIST_CHECKSUMS", str(write_synthetic_fashion_mnist(mirror, train_size=4000, test_size=200)))
-    settings = TINY | {"log_every": 50, "checkpoint_every": 300}
-    reference = run_tiny_flow(tmp_path / "reference", mirror, **settings)
+    mirror, settings, reference = long_training
 
     work = tmp_path / "submit"
     work.mkdir()
