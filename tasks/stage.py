@@ -178,14 +178,16 @@ class StageCache(CachePolicy):
         if inputs.get("refresh"):
             return None
         inputs = self.stage.fetched(inputs)
-        key = f"{self.stage.name}-{digest_json([self.stage.code, input_digest(inputs, self.stage.ignore)])[:32]}"
+        manifest, facts = self.stage.expected(**inputs)
+        # The output's place is part of the key: two experiments whose inputs are alike in content
+        # (the same training, run twice) keep records of their own, each handing on its own path.
+        parts = [self.stage.code, input_digest(inputs, self.stage.ignore), storage.location_of(manifest)]
+        key = f"{self.stage.name}-{digest_json(parts)[:32]}"
         # Only a cached record can hand on a stale path; without one the task runs, and the stage
         # itself checks the manifest: it is read once either way. Read from a store, it is fetched
         # here with its files, so that a machine that did not run the stage finds it `Cached`.
-        if task_ctx.result_store.exists(key):
-            manifest, facts = self.stage.expected(**inputs)
-            if storage.read_verified(manifest, **facts) is None:
-                return None
+        if task_ctx.result_store.exists(key) and storage.read_verified(manifest, **facts) is None:
+            return None
         return key
 
 
