@@ -38,6 +38,7 @@ from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.cache_locks import FlockLockManager
 from fashion_pipeline.tasks.plumbing.failures import retry_transient
 from fashion_pipeline.tasks.plumbing.files import Written, digest_json, sha256_file, write_manifest
+from fashion_pipeline.tasks.plumbing.server_watch import await_server
 
 PACKAGE = __name__.rpartition(".")[0]  # the stages' package: `code` names modules relative to it
 # A stage's manifest path and the facts it must record for given inputs: what tells a finished,
@@ -198,7 +199,9 @@ def _as_task(stage: Stage, serializable: bool, options: dict[str, Any]) -> Task:
     def attempt(*args: Any, **kwargs: Any) -> Path | str:
         call = stage.signature.bind(*args, **kwargs)
         call.arguments["refresh"] = call.arguments.get("refresh", False) and task_run.run_count <= 1  # a retry resumes
-        return stage(*call.args, **call.kwargs)
+        manifest = stage(*call.args, **call.kwargs)
+        await_server(stage.name)  # its state, and the next stage's start, go to the server
+        return manifest
 
     attempt.__signature__ = stage.signature
     policy: CachePolicy = StageCache(stage=stage)

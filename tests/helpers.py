@@ -20,6 +20,7 @@ FLOW_SCRIPT = REPO / "flows" / "fashion.py"
 # Small settings that still exercise every stage: 160 training images in batches of 4 = 40 steps an epoch.
 T = TypeVar("T")
 TINY = {"epochs": 2, "batch_size": 4, "lr": 0.02, "log_every": 10, "checkpoint_every": 15, "device": "cpu"}
+TASK_RUNS = 7  # of one complete flow attempt: the six stages and the report
 VALIDATION = 20  # the images a sweep holds out of the synthetic training set (sweeps must validate)
 
 

@@ -7,20 +7,15 @@ pull step must find the code by itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-import psutil
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -33,13 +28,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from fashion_pipeline.flows.deployment import DEPLOYMENT, deployment_schedule, deployment_spec
 from fashion_pipeline.tasks.config import STAGES
 from fashion_pipeline.tasks.plumbing.polling import wait_for
-from tests.helpers import FLOW_SCRIPT, REPO, TINY, expected_loss_steps, free_port
+from tests.helpers import FLOW_SCRIPT, REPO, TASK_RUNS, TINY, expected_loss_steps
+from tests.prefect_server import PrefectServer, stop
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
 FLOW_NAME = "fashion-mnist"
 SPEC = deployment_spec()
 POOL = SPEC["work_pool"]["name"]
-TASK_RUNS = len(STAGES) + 1  # of one complete flow attempt: the stages and the report
 T = TypeVar("T")
 
 
@@ -68,34 +63,10 @@ def test_repository_deployment_is_nightly_and_never_overlaps() -> None:
 # --- real processes --------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    api_url: str
-    env: dict[str, str]  # for every Prefect process of this module: this server, this Prefect home
-    logs: Path
-
-
 def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
     """Start a process in a session of its own, writing its output to `log`."""
     with open(log, "wb") as output:
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop the process and every process below it (a worker starts each flow run in a session of its own):
-    SIGTERM, then SIGKILL for those still there after 15 s."""
-    try:
-        family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    process.wait(10)
 
 
 def tail(log: Path, lines: int = 40) -> str:
@@ -110,7 +81,7 @@ def wait_logged(check: Callable[[], T | None], timeout: float, what: str, log: P
         raise AssertionError(f"{error}; {log.name}:\n{tail(log)}") from None
 
 
-def prefect_cli(server: Server, *args: str) -> None:
+def prefect_cli(server: PrefectServer, *args: str) -> None:
     """`prefect ARGS` in the repository, against the module's server."""
     done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=server.env,
                           capture_output=True, text=True, timeout=180)
@@ -118,42 +89,24 @@ def prefect_cli(server: Server, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """`prefect server start` on a free loopback port, with SQLite in a Prefect home of its own."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "home"),
-        "PREFECT_API_URL": api_url,  # replaces any other server's address inherited from the tests
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    server = PrefectServer(
+        tmp_path_factory.mktemp("prefect-server"),
         # No runs created from the nightly schedule: one due now would fetch the real dataset.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
         # A run waiting for the deployment's one slot asks again after 1 s instead of 30 s.
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-    }
-    log = root / "server.log"
-    process = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    env, log)
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
     try:
-        def healthy() -> bool | None:
-            assert process.poll() is None, f"the Prefect server exited:\n{tail(log)}"
-            try:
-                return httpx.get(f"{api_url}/health", timeout=2).status_code == 200 or None
-            except httpx.HTTPError:
-                return None
-
-        wait_logged(healthy, 120, "the Prefect server", log)
-        yield Server(api_url, env, root)
+        yield server.start()
     finally:
-        stop(process)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[SyncPrefectClient]:
+def client(server: PrefectServer) -> Iterator[SyncPrefectClient]:
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         api = get_client(sync_client=True)
     with api:
@@ -161,7 +114,7 @@ def client(server: Server) -> Iterator[SyncPrefectClient]:
 
 
 @pytest.fixture(scope="module")
-def deployment(server: Server, client: SyncPrefectClient) -> DeploymentResponse:
+def deployment(server: PrefectServer, client: SyncPrefectClient) -> DeploymentResponse:
     """prefect.yaml deployed the way the README says: work pool, then `prefect deploy`."""
     prefect_cli(server, "work-pool", "create", POOL, "--type", "process")
     prefect_cli(server, "--no-prompt", "deploy", "--all")
@@ -169,12 +122,12 @@ def deployment(server: Server, client: SyncPrefectClient) -> DeploymentResponse:
 
 
 @pytest.fixture(scope="module")
-def worker(server: Server, deployment: DeploymentResponse, synthetic_folder: Path,
+def worker(server: PrefectServer, deployment: DeploymentResponse, synthetic_folder: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A process worker on the pool, started in an empty folder outside the repository; yields its log."""
     elsewhere = tmp_path_factory.mktemp("worker-cwd")
     env = server.env | {"FASHION_MNIST_CHECKSUMS": str(synthetic_folder / "checksums.json")}
-    log = server.logs / "worker.log"
+    log = server.root / "worker.log"
     process = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, log, cwd=elsewhere)
     try:
         yield log
@@ -298,12 +251,12 @@ def test_failed_stage_is_retried_from_cache(client: SyncPrefectClient, worker: P
 
 
 @pytest.fixture(scope="module")
-def notices(server: Server) -> Iterator[list[dict]]:
+def notices(server: PrefectServer) -> Iterator[list[dict]]:
     """flows/notices.py's automation, pointed at a webhook on loopback; yields the notices it receives."""
     received: list[dict] = []
 
     class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.end_headers()
@@ -346,8 +299,8 @@ def test_runs_never_overlap(client: SyncPrefectClient, later_runs: dict[str, Flo
     assert "AwaitingConcurrencySlot" in [state.name for state in client.read_flow_run_states(second.id)]
 
 
-def test_serve_uses_the_schedule_of_prefect_yaml(server: Server, client: SyncPrefectClient) -> None:
-    log = server.logs / "serve.log"
+def test_serve_uses_the_schedule_of_prefect_yaml(server: PrefectServer, client: SyncPrefectClient) -> None:
+    log = server.root / "serve.log"
     process = start([sys.executable, str(FLOW_SCRIPT), "--serve", "--experiment", "served", "--epochs", "3"],
                     server.env, log)
     try:

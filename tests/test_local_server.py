@@ -22,10 +22,9 @@ import pytest
 
 from fashion_pipeline.tasks.plumbing import local_server
 from fashion_pipeline.tasks.plumbing.polling import wait_for
-from tests.helpers import FLOW_SCRIPT, REPO, VALIDATION, stop_local_server, tiny_args, wait_while_running
+from tests.helpers import FLOW_SCRIPT, REPO, TASK_RUNS, VALIDATION, stop_local_server, tiny_args, wait_while_running
 
 SWEEP_SCRIPT = REPO / "flows" / "sweep.py"
-TASK_RUNS = 7  # of one flow run: the six stages and the report
 
 
 @pytest.fixture

@@ -78,6 +78,11 @@ def exit_status(error: BaseException) -> int:
     return 2 if isinstance(cause, ConfigError) else 1
 
 
+def program_name() -> str:
+    """The command as the user typed it: `fashion`, `fashion-sweep`, `fashion.py`, `sweep.py`."""
+    return Path(sys.argv[0]).name or "fashion"
+
+
 def command_failed(program: str, error: BaseException) -> int:
     """Print a command's failure as its one line on stderr (Prefect's log above has the rest); its exit status."""
     print(f"{program}: error: {one_line(error)}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ class StepProgress:
         self.bar = tqdm(total=total, initial=done, desc=description, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
         self.facts: dict[str, float] = {}
         self.artifact_id = None
+        self.sending: threading.Thread | None = None
         if prefect_run_context() is not None:  # in a Prefect run, the UI shows the progress too
             from prefect.artifacts import create_progress_artifact
 
@@ -51,10 +54,16 @@ class StepProgress:
             self.bar.set_postfix_str(shown, refresh=False)
         else:
             stage_logger().info("%s: %d/%d steps (%.0f%%) %s", self.description, self.done, self.total, self.percent(), shown)
-        if self.artifact_id is not None:
+        if self.artifact_id is not None and not (self.sending and self.sending.is_alive()):
             from prefect.artifacts import update_progress_artifact
 
-            self._best_effort(update_progress_artifact, self.artifact_id, progress=self.percent())
+            # Sent beside the work, never in its way: a lost server holds an update for its client's
+            # retries (a minute), and the next report, with a newer count, replaces an update still waiting.
+            run = contextvars.copy_context().run  # the run's Prefect settings and context, in the sender's thread
+            self.sending = threading.Thread(target=run, args=(self._best_effort, update_progress_artifact,
+                                                              self.artifact_id), kwargs={"progress": self.percent()},
+                                            name="progress-artifact", daemon=True)
+            self.sending.start()
 
     def _best_effort(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`call`'s result; on any failure (the Prefect server unreachable, say) one warning, and no
@@ -66,6 +75,9 @@ class StepProgress:
             self.artifact_id = None
             return None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the bar, and let the last update reach the server unless that takes longer than `timeout` s."""
         if self.bar is not None:
             self.bar.close()
+        if self.sending is not None:
+            self.sending.join(timeout)
