@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from prefect import flow, task
+from distributed import Client
+from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
+from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
 
 from fashion_pipeline.flows.fashion import mirror_of, recorded_run
 from fashion_pipeline.tasks.config import ConfigError
@@ -37,16 +40,24 @@ from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type, resolve_device, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
-from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass, local_runner, task_runner
+from fashion_pipeline.tasks.plumbing.dask_cluster import task_runner
 from fashion_pipeline.tasks.plumbing.failures import (
-    RunFailed, command_failed, command_interrupted, interruption, one_line, sigterm_as_interrupt,
+    RunFailed,
+    command_failed,
+    command_interrupted,
+    ending_the_run,
+    interruption,
+    one_line,
+    sigterm_as_interrupt,
 )
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
-from fashion_pipeline.tasks.plumbing.run_record import recorded_flow_run
+from fashion_pipeline.tasks.plumbing.run_record import crash_unfinished_task_runs, recorded_flow_run
 from fashion_pipeline.tasks.plumbing.transactions import own_transactions
-from fashion_pipeline.tasks.sweep.plan import Trial, rung_epochs
+from fashion_pipeline.tasks.sweep.plan import Trial, plan_sweep, rung_epochs
 from fashion_pipeline.tasks.sweep.results import METRIC, REPORTED, describe, promote, publish_table, summarise
+
+WORKER_TAG = "dask-worker:"  # a configuration's stage task runs are tagged with the Dask worker that ran them
 
 
 class SweepFailed(RunFailed):
@@ -73,33 +84,60 @@ def configuration(trial: Trial, mirror: str | None) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigurationFailed(f"configuration: on Dask worker {_worker_name()}: {error}", {}) from None
     try:
-        with own_transactions():  # each stage commits as it ends, as in a single run
+        # Each stage's task run names the worker it ran on: if that worker is lost, the sweep says which.
+        with own_transactions(), tags(f"{WORKER_TAG}{_worker_name()}"):  # each stage commits as it ends
             result = run_pipeline(trial.config, device, mirror, run)
     except Exception as error:
         raise ConfigurationFailed(f"{run.failed or 'configuration'}: {one_line(error)}", run.states) from error
     return result | {"stages": run.states}
 
 
-@flow(name="fashion-mnist-sweep", flow_run_name="sweep {name}", log_prints=True, persist_result=True,
-      task_runner=local_runner())
-def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[str, Any]:
-    """Run the pipeline for every configuration of `trials` (tasks/sweep/plan.py) in parallel, sharing one
-    download; write the comparison.
+@flow(name="fashion-mnist-sweep", flow_run_name="sweep {name}", log_prints=True, persist_result=True)
+def sweep(name: str = "sweep", grid: dict[str, list[Any]] | None = None,
+          configurations: list[dict[str, Any]] | None = None, base: dict[str, Any] | None = None,
+          halving: int | None = None, dask_address: str | None = None, workers: int | None = None,
+          dask_cluster: str | None = None, dask_cluster_kwargs: dict[str, Any] | None = None,
+          adapt: list[int] | None = None, dask_report: str | None = None) -> dict[str, Any]:
+    """Run the pipeline for every configuration in parallel on Dask, sharing one download; write the comparison.
 
-    With `halving` (ETA), successive halving: every configuration trains for the first rung's epochs,
-    the best 1/ETA by validation accuracy continue to the next rung, and so on up to the full epochs.
+    Plain JSON values, as a deployment passes them, with the meaning of `fashion-sweep`'s options:
+
+    Args:
+        name: the sweep's folder under the runs dir; each configuration's run is `<name>/<varied values>`.
+        grid: parameter -> list of values; every combination runs. Or:
+        configurations: a list of parameter overrides, one run each.
+        base: the values every configuration starts from (`fashion`'s parameters: runs_dir, epochs, ...).
+        halving: successive halving's ETA: every configuration trains for the first rung's epochs, the
+            best 1/ETA by validation accuracy continue to the next rung, and so on up to the full epochs.
+        dask_address: an existing Dask scheduler (tcp://HOST:PORT). Or:
+        workers: the worker processes of a temporary cluster on this machine (default: one per core). Or:
+        dask_cluster: a cluster class that starts the workers (dask_jobqueue.SLURMCluster, ...), given
+            `dask_cluster_kwargs` and scaling between `adapt` [MIN, MAX] workers.
+        dask_report: a file for Dask's performance report.
 
     Returns the content of `<runs-dir>/<name>/sweep.json`; raises SweepFailed, after writing it,
-    when a configuration failed (its retries spent).
+    when a configuration failed (its retries spent). A bad plan fails in one line before any work.
     """
+    with ending_the_run():
+        trials, cluster = plan_sweep(name, base or {}, grid, configurations, halving, dask_address, workers,
+                                     dask_cluster, dask_cluster_kwargs, adapt)
+    cuda = any(on_cuda(trial) for trial in trials)
+    # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
+    with task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
+                     gpu=cuda, cluster=cluster) as runner:
+        return run_trials(runner, name, trials, halving)
+
+
+def run_trials(runner: DaskTaskRunner, name: str, trials: list[Trial], halving: int | None) -> dict[str, Any]:
+    """The sweep of the checked `trials` on the started `runner`'s cluster; its summary (see `sweep`)."""
     shared = trials[0].config
     sweep_dir = storage.join(shared.runs_dir, name)
     with ExitStack() as locks:
         for folder in (sweep_dir, *(trial.config.run_dir for trial in trials)):
             locks.enter_context(experiment_lock(folder))
         locks.enter_context(recorded_flow_run(sweep_dir))  # the sweep's flow run holds its configurations' task runs
-        check_shared_folders({"--runs-dir": sweep_dir, "--data-dir": shared.data_dir})
-        check_gpu_workers(trials)
+        check_shared_folders(runner.client, {"--runs-dir": sweep_dir, "--data-dir": shared.data_dir})
+        check_gpu_workers(runner.client, trials)
         mirror = mirror_of(shared)
         # The one download, before fanning out: its failure fails the sweep once, not every configuration.
         in_store(download.task, shared.data_dir)(data_dir=shared.data_dir, mirror=mirror,
@@ -108,8 +146,9 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
         rungs, alive = [], trials
         for epochs in rung_epochs(shared.epochs, halving):
             rung = [at_epochs(trial, epochs, first=not rungs) for trial in alive]
-            futures = [submit(trial, mirror) for trial in rung]
+            futures = [submit(runner, trial, mirror) for trial in rung]
             entries = [outcome(trial, future) for trial, future in zip(rung, futures)]
+            close_lost_attempts()
             for entry in entries:
                 print(describe(entry))
                 latest[entry["name"]] = entry
@@ -128,6 +167,22 @@ def sweep(name: str, trials: list[Trial], halving: int | None = None) -> dict[st
     return summary
 
 
+def close_lost_attempts() -> None:
+    """Once a rung has ended, nothing of the sweep runs: a task run that has not ended is left from an
+    attempt whose Dask worker was lost (Dask ran that configuration again on another). Mark it
+    `Crashed`, naming the worker, so that the record never shows it running for ever."""
+    def message(task_run: TaskRun) -> str:
+        worker = next((tag.removeprefix(WORKER_TAG) for tag in task_run.tags if tag.startswith(WORKER_TAG)), None)
+        where = f"Dask worker {worker}" if worker else "Dask worker"
+        return f"Its {where} was lost during this attempt; Dask ran the configuration again on another worker."
+
+    try:
+        if lost := crash_unfinished_task_runs(flow_run.id, message):
+            print(f"Marked {lost} task runs of attempts on lost Dask workers Crashed")
+    except Exception as error:  # noqa: BLE001  (the record is for people to read: a failure to mend it never fails the sweep)
+        print(f"Could not mark the task runs of lost Dask workers Crashed: {one_line(error)}")
+
+
 def _worker_name() -> str:
     """This Dask worker's name, or "(none)" outside one."""
     from distributed import get_worker
@@ -138,12 +193,11 @@ def _worker_name() -> str:
         return "(none)"
 
 
-def check_gpu_workers(trials: list[Trial]) -> None:
+def check_gpu_workers(client: Client, trials: list[Trial]) -> None:
     """A ConfigError, before any training, when configurations need a GPU and no worker of the cluster
     offers one (Dask would keep them waiting for ever); a cluster with no worker yet (scaling up) is
     left to start them."""
-    client = getattr(FlowRunContext.get().task_runner, "client", None)
-    if client is None or not any(on_cuda(trial) for trial in trials):
+    if not any(on_cuda(trial) for trial in trials):
         return
     workers = client.scheduler_info()["workers"].values()
     if workers and not any(worker.get("resources", {}).get("GPU") for worker in workers):
@@ -151,7 +205,7 @@ def check_gpu_workers(trials: list[Trial]) -> None:
                           "`dask worker ... --resources GPU=1`")
 
 
-def check_shared_folders(folders: dict[str, str]) -> None:
+def check_shared_folders(client: Client, folders: dict[str, str]) -> None:
     """A ConfigError, before any training, unless every Dask worker sees these local folders as this
     process does: a probe written here must be read there. Folders in a store need no probe.
 
@@ -162,8 +216,7 @@ def check_shared_folders(folders: dict[str, str]) -> None:
         folders: the option that names each folder ("--runs-dir") -> the folder.
     """
     local = {flag: Path(folder) for flag, folder in folders.items() if not storage.is_remote(folder)}
-    client = getattr(FlowRunContext.get().task_runner, "client", None)  # DaskTaskRunner's
-    if not local or client is None:
+    if not local:
         return
     token = uuid.uuid4().hex
     probes = {flag: folder / f".probe-{token}" for flag, folder in local.items()}
@@ -214,12 +267,12 @@ def on_cuda(trial: Trial) -> bool:
     return device_type(trial.device) == "cuda"
 
 
-def submit(trial: Trial, mirror: str | None) -> PrefectFuture:
-    """Submit one configuration's pipeline to the cluster."""
+def submit(runner: DaskTaskRunner, trial: Trial, mirror: str | None) -> PrefectFuture:
+    """Submit one configuration's pipeline to the runner's cluster."""
     # A CUDA configuration asks Dask for a worker that offers a GPU (`dask worker --resources GPU=1`;
     # every worker of the local cluster, when the sweep trains on CUDA).
     with dask.annotate(resources={"GPU": 1}) if on_cuda(trial) else contextlib.nullcontext():
-        return configuration.submit(trial, mirror)
+        return runner.submit(configuration, {"trial": trial, "mirror": mirror})
 
 
 def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
@@ -245,17 +298,12 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
                     "error": reason if isinstance(error, ConfigurationFailed) else f"configuration: {reason}"}
 
 
-def run(trials: list[Trial], name: str, halving: int | None, dask_address: str | None, workers: int | None,
-        dask_report: str | None, cluster: ClusterClass | None = None) -> int:
-    """Run the sweep of the checked `trials` (flows/sweep_command_line.py) and print its outcome; the exit status."""
-    cuda = any(on_cuda(trial) for trial in trials)
-    # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
-    runner = task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
-                         gpu=cuda, cluster=cluster)
+def run(request: dict[str, Any], trials: list[Trial]) -> int:
+    """Run the sweep that `request` (the flow's parameters) asks for, its `trials` checked already
+    (flows/sweep_command_line.py), and print its outcome; the exit status."""
     try:
         with sigterm_as_interrupt():
-            state, _ = recorded_run(lambda: sweep.with_options(task_runner=runner)(
-                name=name, trials=trials, halving=halving, return_state=True))
+            state, _ = recorded_run(lambda: sweep(**request, return_state=True))
             summary = state.result()
     except SweepFailed as error:
         print(f"sweep.py: {error}", file=sys.stderr)
@@ -266,7 +314,7 @@ def run(trials: list[Trial], name: str, halving: int | None, dask_address: str |
         if not isinstance(error, Exception):
             raise
         return command_failed("sweep.py", error)
-    best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], name)
+    best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], request["name"])
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
           f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
     print(f"Comparison: {storage.join(sweep_dir, 'sweep.json')}")

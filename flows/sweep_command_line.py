@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from typing import Any
 
@@ -16,7 +15,7 @@ from fashion_pipeline.flows.command_line import PRESETS
 from fashion_pipeline.flows.command_line import build_parser as run_options
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.plumbing import local_server
-from fashion_pipeline.tasks.sweep.plan import plan
+from fashion_pipeline.tasks.sweep.plan import plan_sweep
 
 
 def positive(text: str) -> int:
@@ -86,23 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_scheduler(address: str, timeout: float = 5) -> None:
-    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
-
-    Dask itself would try for 30 s from inside the flow run and end in a traceback.
-    """
-    from distributed.comm.addressing import parse_address, parse_host_port
-
-    try:
-        host, port = parse_host_port(parse_address(address)[1])
-    except ValueError as error:
-        raise ConfigError(f"--dask-address {address}: {error}") from None
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     """The `fashion-sweep` command (and `python flows/sweep.py`); the exit status."""
     args, rest = build_parser().parse_known_args(argv)
@@ -110,26 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     base_parser.prog = "sweep.py"
     base = vars(base_parser.parse_args(rest))
     preset, serve = base.pop("preset"), base.pop("serve")
+    request = {"name": args.name, "grid": args.grid, "configurations": args.configurations,
+               "base": PRESETS[preset] | base, "halving": args.halving, "dask_address": args.dask_address,
+               "workers": args.workers, "dask_cluster": args.dask_cluster,
+               "dask_cluster_kwargs": args.dask_cluster_kwargs or None,
+               "adapt": list(args.adapt) if args.adapt else None, "dask_report": args.dask_report}
     try:
         if serve:
             raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
-        # On a cluster of other machines, the devices are theirs: each worker checks its own.
-        trials = plan(args.name, PRESETS[preset] | base, args.grid, args.configurations, args.halving,
-                      devices_here=not (args.dask_address or args.dask_cluster))
-        if args.dask_address:
-            check_scheduler(args.dask_address)
-        cluster = None
-        if (args.dask_cluster_kwargs or args.adapt) and not args.dask_cluster:
-            raise ConfigError("--dask-cluster-kwargs and --adapt are for --dask-cluster: name the cluster class")
-        if args.dask_cluster:
-            from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass
-
-            cluster = ClusterClass(args.dask_cluster, args.dask_cluster_kwargs, args.adapt)
-            cluster.check()
+        trials, _ = plan_sweep(**{key: value for key, value in request.items() if key != "dask_report"})
     except ConfigError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
     local_server.start()  # boots while the flow's heavy imports run
     from fashion_pipeline.flows.sweep import run
 
-    return run(trials, args.name, args.halving, args.dask_address, args.workers, args.dask_report, cluster)
+    return run(request, trials)

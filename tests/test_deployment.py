@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.sorting import TaskRunSort
@@ -28,11 +28,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from fashion_pipeline.flows.deployment import DEPLOYMENT, deployment_schedule, deployment_spec
 from fashion_pipeline.tasks.config import STAGES
 from fashion_pipeline.tasks.plumbing.polling import wait_for
-from tests.helpers import FLOW_SCRIPT, REPO, TASK_RUNS, TINY, expected_loss_steps
+from tests.helpers import FLOW_SCRIPT, REPO, TASK_RUNS, TINY, VALIDATION, expected_loss_steps
 from tests.prefect_server import PrefectServer, stop
 from tests.tensorboard_reader import image_steps, load_runs, scalar_steps, training_run
 
 FLOW_NAME = "fashion-mnist"
+SWEEP_FLOW = "fashion-mnist-sweep"
 SPEC = deployment_spec()
 POOL = SPEC["work_pool"]["name"]
 T = TypeVar("T")
@@ -327,3 +328,46 @@ def test_pull_step_refuses_a_copy_without_prefect_yaml(tmp_path: Path, monkeypat
     monkeypatch.setattr(schedule, "PREFECT_FILE", tmp_path / "site-packages" / "prefect.yaml")  # an installed copy
     with pytest.raises(FileNotFoundError, match="holds no prefect.yaml: the worker imports an installed copy"):
         schedule.enter_repository()
+
+
+# --- the sweep deployment --------------------------------------------------------------------------
+
+
+def test_the_sweep_deployment_takes_plain_json_and_a_paused_weekly_schedule(client: SyncPrefectClient,
+                                                                            deployment: DeploymentResponse) -> None:
+    spec = deployment_spec("sweep")
+    sweep = client.read_deployment_by_name(f"{SWEEP_FLOW}/sweep")
+    assert sweep.entrypoint == spec["entrypoint"] == "flows/sweep.py:sweep" and sweep.work_pool_name == POOL
+    assert sweep.parameters == spec["parameters"] and json.loads(json.dumps(sweep.parameters)) == sweep.parameters
+    [schedule] = sweep.schedules
+    assert not schedule.active and schedule.schedule.cron == "0 4 * * 6"
+    properties = sweep.parameter_openapi_schema["properties"]
+    assert {"grid", "configurations", "base", "halving", "dask_address", "dask_cluster", "adapt"} <= set(properties)
+
+
+def run_sweep_deployment(server: PrefectServer, client: SyncPrefectClient, name: str, **parameters: Any) -> FlowRun:
+    """`prefect deployment run 'fashion-mnist-sweep/sweep' -p KEY=JSON ... --watch`, as the README says; the flow run."""
+    options = [f"{key}={json.dumps(value)}" for key, value in parameters.items()]
+    subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", f"{SWEEP_FLOW}/sweep", "-p", f"name={name}",
+                    *(part for option in options for part in ("-p", option)), "--watch", "--watch-timeout", "400"],
+                   cwd=REPO, env=server.env, capture_output=True, text=True, timeout=450)
+    [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"sweep {name}"])))
+    return run
+
+
+def test_the_sweep_deployment_runs_on_the_worker(server: PrefectServer, client: SyncPrefectClient, worker: Path,
+                                                 tiny_parameters: dict[str, Any]) -> None:
+    base = tiny_parameters | {"validation_size": VALIDATION}
+    run = run_sweep_deployment(server, client, "deployed", grid={"lr": [0.01, 0.02]}, base=base, halving=None)
+    assert run.state.is_completed(), f"{run.state}\n{tail(worker)}"
+    summary = json.loads((Path(base["runs_dir"]) / "deployed" / "sweep.json").read_text())
+    assert [entry["state"] for entry in summary["configurations"]] == ["Completed", "Completed"]
+    assert summary["best"]["name"] in ("lr=0.01", "lr=0.02")
+
+
+def test_a_bad_sweep_plan_fails_the_deployed_run_in_one_line(server: PrefectServer, client: SyncPrefectClient,
+                                                              worker: Path, tiny_parameters: dict[str, Any]) -> None:
+    run = run_sweep_deployment(server, client, "bad-plan", grid={"lr": []}, base=tiny_parameters)
+    assert run.state.is_failed() and run.run_count == 1
+    assert run.state.message.endswith("grid lr: give a non-empty list of values (got [])"), run.state.message
+    assert not (Path(tiny_parameters["runs_dir"]) / "bad-plan").exists()

@@ -287,6 +287,12 @@ def test_a_killed_worker_hands_its_training_to_one_with_other_cores_which_resume
         if sweep.poll() is None:
             sweep.kill()
     assert sweep.returncode == 0, output[-3000:]
+    # A truthful record: the lost attempt's task runs ended Crashed, naming the worker; none runs for ever.
+    task_runs = sweep_task_runs("sweep killed")
+    assert not [(run.name, run.state_name) for run in task_runs if not run.state.is_final()]
+    lost = [run for run in task_runs if run.state.is_crashed()]
+    assert lost and all(f"Dask worker {training} was lost" in run.state.message for run in lost)
+    assert {run.name for run in task_runs if run.state.is_completed()} >= {"configuration lr=0.02", "train lr=0.02"}
 
     train = next(name.removesuffix("/model.pt") for name in listing(run_dir) if name.endswith("/model.pt"))
     final = json.loads(read_bytes(f"{run_dir}/{train}/training.json"))
@@ -299,6 +305,16 @@ def test_a_killed_worker_hands_its_training_to_one_with_other_cores_which_resume
     runs = load_runs(run_dir)
     steps = settings["epochs"] * math.ceil((4000 - VALIDATION) / settings["batch_size"])  # the last batch is partial
     assert scalar_steps(runs, training_run(runs), "training loss") == list(range(25, steps + 1, 25))
+
+
+def sweep_task_runs(flow_run_name: str) -> list:
+    """The task runs of the (one) flow run called `flow_run_name`, as Prefect's API has them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
 
 
 def test_a_configuration_whose_outputs_this_machine_cannot_see_fails_loudly(tmp_path: Path) -> None:

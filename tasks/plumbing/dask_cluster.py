@@ -6,16 +6,18 @@ import importlib
 import inspect
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import LocalCluster
+from distributed import LocalCluster, Nanny
 from prefect import get_client
 from prefect_dask import DaskTaskRunner
 
 from fashion_pipeline.tasks.ml.devices import usable_cores
 
 DASK_LOG_LEVEL = "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED"  # Dask's setting: the level of its `distributed` loggers
+CLOSE_SECONDS = 60.0  # a local worker process's time to end by itself when the cluster closes
 
 
 def local_runner(workers: int | None = None, report: str | None = None, gpu: bool = False) -> DaskTaskRunner:
@@ -59,7 +61,20 @@ def local_cluster(**options: Any) -> LocalCluster:
     # nannies, in this process, have read Dask's settings already.
     level = os.environ.setdefault(DASK_LOG_LEVEL, "warning")
     logging.getLogger("distributed").setLevel(level.upper())
-    return LocalCluster(**options | {"env": options.get("env", {}) | {"PREFECT_API_URL": str(api_url)}})
+    return LocalCluster(**options | {"env": options.get("env", {}) | {"PREFECT_API_URL": str(api_url)}},
+                        worker_class=PatientNanny)
+
+
+class PatientNanny(Nanny):
+    """A nanny that gives its worker process time to end by itself when the cluster closes.
+
+    Dask's default, 4 s, is shorter than a busy machine needs to end a process that has trained
+    with torch and reported to Prefect (its last events and logs are sent as it exits); the nanny
+    would then kill it, with a warning at the end of every sweep.
+    """
+
+    async def close(self, timeout: float = CLOSE_SECONDS, reason: str = "nanny-close") -> str:
+        return await super().close(timeout=timeout, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,52 @@ class ClusterClass:
             raise ConfigError(f"--dask-cluster-kwargs: {self.path} refuses them: {error}") from None
         if self.adapt and not 0 <= self.adapt[0] <= self.adapt[1]:
             raise ConfigError(f"--adapt {self.adapt[0]}:{self.adapt[1]}: give MIN:MAX with 0 <= MIN <= MAX")
+
+
+def check_scheduler(address: str, timeout: float = 5) -> None:
+    """A ConfigError, before any run starts, unless something accepts connections at the scheduler's address.
+
+    Dask itself would try for 30 s from inside the flow run and end in a traceback.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    from fashion_pipeline.tasks.config import ConfigError
+
+    try:
+        host, port = parse_host_port(parse_address(address)[1])
+    except ValueError as error:
+        raise ConfigError(f"--dask-address {address}: {error}") from None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers there ({error})") from None
+
+
+def checked_cluster(dask_address: str | None = None, workers: int | None = None, dask_cluster: str | None = None,
+                    dask_cluster_kwargs: dict[str, Any] | None = None,
+                    adapt: tuple[int, int] | list[int] | None = None) -> ClusterClass | None:
+    """Where a sweep runs, checked in one line before any work: the cluster class to start, if one is named.
+
+    At most one of an existing scheduler's address, a local cluster's worker count and a cluster
+    class; the class's keyword arguments and adaptive bounds only with the class.
+    """
+    from fashion_pipeline.tasks.config import ConfigError
+
+    if sum(value is not None for value in (dask_address, workers, dask_cluster)) > 1:
+        raise ConfigError("give at most one of --dask-address, --workers and --dask-cluster")
+    if (dask_cluster_kwargs or adapt) and not dask_cluster:
+        raise ConfigError("--dask-cluster-kwargs and --adapt are for --dask-cluster: name the cluster class")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: give a whole number of at least 1")
+    if dask_address:
+        check_scheduler(dask_address)
+    if not dask_cluster:
+        return None
+    if adapt is not None and len(adapt) != 2:
+        raise ConfigError(f"--adapt {adapt}: give MIN:MAX, two whole numbers")
+    cluster = ClusterClass(dask_cluster, dask_cluster_kwargs or {}, tuple(adapt) if adapt else None)
+    cluster.check()
+    return cluster
 
 
 def task_runner(dask_address: str | None, workers: int, report: str | None = None, gpu: bool = False,

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.log import stage_logger
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import TaskRun
 
 RECORD = ".flow-run.json"  # in the run directory while a flow run works on it
 
@@ -63,27 +66,43 @@ def close_dead_run(record: dict[str, Any]) -> None:
     Best effort: Prefect's record is for people to read; a failure to mend it is a warning, and the run goes on.
     """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     message = (f"The process running it (pid {record.get('pid')} on {record.get('host')}) ended without reporting: "
                "killed, or its machine lost. A later run of the experiment found it so.")
-    ended = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
     try:
         with get_client(sync_client=True) as client:
             dead = client.read_flow_run(record["flow_run_id"])
-            unfinished = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[dead.id])),
-                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(not_any_=ended))),
-            )
-            for task_run in unfinished:
-                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+            crashed = crash_unfinished_task_runs(dead.id, lambda _: message)
             if dead.state is None or not dead.state.is_final():
                 client.set_flow_run_state(dead.id, Crashed(message=message), force=True)
                 stage_logger().info("Marked the earlier flow run %r, which was killed, Crashed (and %d of its task "
-                                    "runs)", dead.name, len(unfinished))
+                                    "runs)", dead.name, crashed)
     except Exception as error:  # noqa: BLE001  (an unknown run, a server that forgot it: nothing to mend)
         stage_logger().warning("Could not mark the killed earlier run %s Crashed: %s", record.get("flow_run_id"), error)
+
+
+def crash_unfinished_task_runs(flow_run_id: Any, message: Callable[[TaskRun], str]) -> int:
+    """Mark every task run of the flow run that has not ended `Crashed`, with the message `message` gives
+    it; how many there were."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    # Listed, not "all but the final ones": the filter has no negation (an unknown field is ignored).
+    going = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+    with get_client(sync_client=True) as client:
+        unfinished = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=going))),
+        )
+        for task_run in unfinished:
+            client.set_task_run_state(task_run.id, Crashed(message=message(task_run)), force=True)
+    return len(unfinished)

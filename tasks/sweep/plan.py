@@ -7,11 +7,14 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fashion_pipeline.tasks.config import ConfigError, RunConfig, is_url, parse_config
 from fashion_pipeline.tasks.ml.devices import resolve_device
 from fashion_pipeline.tasks.plumbing import storage
+
+if TYPE_CHECKING:
+    from fashion_pipeline.tasks.plumbing.dask_cluster import ClusterClass
 
 # One value, the sweep's, for all; configurations validated on different images could not be compared.
 SHARED = ("experiment", "runs_dir", "data_dir", "mirror", "refresh", "validation_size")
@@ -151,3 +154,20 @@ def _show(override: dict[str, Any]) -> str:
 def _slug(value: Any) -> str:
     """A value as a safe path component: `0.01`, `adam`, `cuda_1`."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value))
+
+
+def plan_sweep(name: str, base: dict[str, Any], grid: dict[str, list[Any]] | None = None,
+               configurations: list[dict[str, Any]] | None = None, halving: int | None = None,
+               dask_address: str | None = None, workers: int | None = None, dask_cluster: str | None = None,
+               dask_cluster_kwargs: dict[str, Any] | None = None,
+               adapt: list[int] | tuple[int, int] | None = None) -> tuple[list[Trial], ClusterClass | None]:
+    """A whole sweep checked before any work, each problem a one-line ConfigError: its configurations
+    (`plan`), and where they run (tasks/plumbing/dask_cluster.py's `checked_cluster`), with the cluster
+    class to start if one is named. The arguments are the sweep flow's parameters."""
+    # On a cluster of other machines, the devices are theirs: each worker checks its own.
+    trials = plan(name, base, grid, configurations, halving, devices_here=not (dask_address or dask_cluster))
+    if not (dask_address or workers or dask_cluster or dask_cluster_kwargs or adapt):
+        return trials, None
+    from fashion_pipeline.tasks.plumbing.dask_cluster import checked_cluster  # Dask's imports, only when asked for
+
+    return trials, checked_cluster(dask_address, workers, dask_cluster, dask_cluster_kwargs, adapt)
