@@ -40,7 +40,7 @@ from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type, resolve_device, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
-from fashion_pipeline.tasks.plumbing.dask_cluster import task_runner
+from fashion_pipeline.tasks.plumbing.dask_cluster import quiet_size_estimates, task_runner
 from fashion_pipeline.tasks.plumbing.failures import (
     RunFailed,
     command_failed,
@@ -125,6 +125,8 @@ def sweep(name: str = "sweep", grid: dict[str, list[Any]] | None = None,
     # On this machine CUDA trainings take turns on its GPU, as they never share one; --workers N lets N share it.
     with task_runner(dask_address, workers or (1 if cuda else min(len(trials), usable_cores())), dask_report,
                      gpu=cuda, cluster=cluster) as runner:
+        if dask_report:
+            quiet_size_estimates(runner.client)
         return run_trials(runner, name, trials, halving)
 
 

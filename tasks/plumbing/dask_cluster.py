@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import LocalCluster, Nanny
+from distributed import Client, LocalCluster, Nanny, WorkerPlugin
 from prefect import get_client
 from prefect_dask import DaskTaskRunner
 
@@ -166,3 +166,22 @@ def task_runner(dask_address: str | None, workers: int, report: str | None = Non
         return DaskTaskRunner(cluster_class=cluster.path, cluster_kwargs=cluster.kwargs, adapt_kwargs=adapt,
                               performance_report_path=report)
     return local_runner(workers, report, gpu)
+
+
+class QuietSizeEstimates(WorkerPlugin):
+    """Quiets Dask's warnings that a message is too deeply nested for its size estimate.
+
+    A performance report gathers the workers' profiles, call trees deeper than the estimate goes:
+    each worker would warn that it "defaults to -1 B", and sends the message whole all the same.
+    """
+
+    name = "fashion-quiet-size-estimates"
+
+    def setup(self, worker: object) -> None:
+        logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
+
+
+def quiet_size_estimates(client: Client) -> None:
+    """QuietSizeEstimates here and on every worker of `client`'s cluster, those it starts later included."""
+    QuietSizeEstimates().setup(None)
+    client.register_plugin(QuietSizeEstimates())
