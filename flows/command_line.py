@@ -14,6 +14,7 @@ from typing import Any, NoReturn, get_args
 
 from fashion_pipeline.tasks.config import ConfigError, RunConfig, parse_config
 from fashion_pipeline.tasks.ml.devices import resolve_device
+from fashion_pipeline.tasks.plumbing.failures import program_name
 
 TAG = "fashion-mnist"  # on every flow run of this project: the command line's, the sweep's, the deployment's
 PRESETS: dict[str, dict[str, Any]] = {
@@ -33,30 +34,45 @@ class Command:
     serve: bool
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One option per RunConfig field, with its help text and default, plus --preset and --serve."""
-    parser = argparse.ArgumentParser(
-        prog="fashion.py", description="The PyTorch TensorBoard tutorial on Fashion-MNIST as one Prefect flow.",
-        argument_default=argparse.SUPPRESS,  # only the options given reach RunConfig, over the preset
-    )
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, whose errors are one line like every other error of the commands (no usage block above)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def add_run_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: tuple[str, ...] = ()) -> None:
+    """One option per RunConfig field (but `skip`), with its help text and default, plus --preset.
+
+    An option not given is absent from the parsed values: only those given reach RunConfig, over the preset.
+    """
     for name, field in RunConfig.model_fields.items():
+        if name in skip:
+            continue
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         if name == "refresh":
-            parser.add_argument(flag, nargs="?", const="all", metavar="STAGES",
+            parser.add_argument(flag, nargs="?", const="all", metavar="STAGES", default=argparse.SUPPRESS,
                                 type=lambda text: [stage.strip() for stage in text.split(",") if stage.strip()],
                                 help=f"{field.description} Alone: all stages.")
         elif field.annotation is bool:
-            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL",
+            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", default=argparse.SUPPRESS,
                                 help=f"{field.description} Alone: on. (default: {'on' if default else 'off'})")
         else:
             choices = get_args(field.annotation) if name in ("optimizer", "schedule") else None
             shown = "" if default is None else f" (default: {default})"  # None: the description says what is used instead
-            parser.add_argument(flag, choices=choices, help=f"{field.description}{shown}")
+            parser.add_argument(flag, choices=choices, default=argparse.SUPPRESS, help=f"{field.description}{shown}")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tutorial",
                         help="Starting values: 'tutorial' (the tutorial's settings) or 'accurate' (SGD with weight decay, "
                              "one-cycle, batch 64, 15 epochs, flipped images and the test-time flip); options given "
                              "explicitly win.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options: one per RunConfig field, --preset, and --serve."""
+    parser = OneLineParser(prog=program_name("fashion.py"),
+                           description="The PyTorch TensorBoard tutorial on Fashion-MNIST as one Prefect flow.")
+    add_run_options(parser)
     parser.add_argument("--serve", action="store_true", default=False,
                         help="Serve the flow on the schedule of prefect.yaml from this process instead of running it once.")
     return parser
@@ -74,7 +90,7 @@ def parse_command_line(argv: list[str]) -> Command:
 
 def fail(error: ConfigError) -> NoReturn:
     """Print a parameter error as one line and exit with status 2, as argparse does."""
-    print(f"fashion.py: error: {error}", file=sys.stderr)
+    print(f"{program_name('fashion.py')}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
 
 

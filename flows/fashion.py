@@ -27,7 +27,8 @@ from fashion_pipeline.tasks.config import (
 )
 from fashion_pipeline.tasks.ml.devices import resolve_device
 from fashion_pipeline.tasks.plumbing.failures import (
-    command_failed, command_interrupted, ending_the_run, interruption, quiet_known_failures, sigterm_as_interrupt,
+    command_failed, command_interrupted, ending_the_run, interruption, program_name, quiet_known_failures,
+    sigterm_as_interrupt,
 )
 from fashion_pipeline.tasks.plumbing.local_server import LocalServer, local_server_settings, wait_until_recorded
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
@@ -122,7 +123,7 @@ def run(command: Command) -> int:
         try:
             serve_on_schedule(fashion, command.config.model_dump())
         except Exception as error:  # noqa: BLE001  (the server unreachable, prefect.yaml missing: one line)
-            return command_failed("fashion.py", error)
+            return command_failed(program_name("fashion.py"), error)
         return 0
     try:
         # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
@@ -132,10 +133,10 @@ def run(command: Command) -> int:
             result = state.result()
     except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
         if (number := interruption(error)) is not None:
-            return command_interrupted("fashion.py", number, [local_path(command.config.run_dir)])
+            return command_interrupted(program_name("fashion.py"), number, [local_path(command.config.run_dir)])
         if not isinstance(error, Exception):
             raise
-        return command_failed("fashion.py", error)
+        return command_failed(program_name("fashion.py"), error)
     print(f"Test accuracy: {result['test_accuracy']:.4f}")
     print(f"Run directory: {result['run_dir']}")
     print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")

@@ -42,13 +42,8 @@ from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.dask_cluster import quiet_size_estimates, task_runner
 from fashion_pipeline.tasks.plumbing.failures import (
-    RunFailed,
-    command_failed,
-    command_interrupted,
-    ending_the_run,
-    interruption,
-    one_line,
-    sigterm_as_interrupt,
+    RunFailed, command_failed, command_interrupted, ending_the_run, interruption,
+    one_line, program_name, sigterm_as_interrupt,
 )
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
@@ -85,7 +80,7 @@ def configuration(trial: Trial, mirror: str | None) -> dict[str, Any]:
         raise ConfigurationFailed(f"configuration: on Dask worker {_worker_name()}: {error}", {}) from None
     try:
         # Each stage's task run names the worker it ran on: if that worker is lost, the sweep says which.
-        with own_transactions(), tags(f"{WORKER_TAG}{_worker_name()}"):  # each stage commits as it ends
+        with own_transactions(), tags(f"{WORKER_TAG}{_worker_label()}"):  # each stage commits as it ends
             result = run_pipeline(trial.config, device, mirror, run)
     except Exception as error:
         raise ConfigurationFailed(f"{run.failed or 'configuration'}: {one_line(error)}", run.states) from error
@@ -150,7 +145,7 @@ def run_trials(runner: DaskTaskRunner, name: str, trials: list[Trial], halving: 
             rung = [at_epochs(trial, epochs, first=not rungs) for trial in alive]
             futures = [submit(runner, trial, mirror) for trial in rung]
             entries = [outcome(trial, future) for trial, future in zip(rung, futures)]
-            close_lost_attempts()
+            close_lost_attempts(runner.client)
             for entry in entries:
                 print(describe(entry))
                 latest[entry["name"]] = entry
@@ -169,20 +164,40 @@ def run_trials(runner: DaskTaskRunner, name: str, trials: list[Trial], halving: 
     return summary
 
 
-def close_lost_attempts() -> None:
-    """Once a rung has ended, nothing of the sweep runs: a task run that has not ended is left from an
-    attempt whose Dask worker was lost (Dask ran that configuration again on another). Mark it
-    `Crashed`, naming the worker, so that the record never shows it running for ever."""
-    def message(task_run: TaskRun) -> str:
+def close_lost_attempts(client: Client) -> None:
+    """Mark `Crashed`, naming the worker, each task run left unfinished by a Dask worker that is gone.
+
+    Dask runs a lost worker's configuration again on another worker, but the lost attempt's task
+    runs never end by themselves; without this the record would show them running for ever. Each
+    stage's task run carries its worker's tag (`configuration`), and the scheduler knows which workers live.
+    """
+    alive = set(client.scheduler_info()["workers"])  # their addresses
+
+    def message(task_run: TaskRun) -> str | None:
         worker = next((tag.removeprefix(WORKER_TAG) for tag in task_run.tags if tag.startswith(WORKER_TAG)), None)
-        where = f"Dask worker {worker}" if worker else "Dask worker"
-        return f"Its {where} was lost during this attempt; Dask ran the configuration again on another worker."
+        if worker is None or _address(worker) in alive:
+            return None
+        return f"Its Dask worker {worker} was lost during this attempt; Dask ran the configuration again on another worker."
 
     try:
         if lost := crash_unfinished_task_runs(flow_run.id, message):
             print(f"Marked {lost} task runs of attempts on lost Dask workers Crashed")
     except Exception as error:  # noqa: BLE001  (the record is for people to read: a failure to mend it never fails the sweep)
         print(f"Could not mark the task runs of lost Dask workers Crashed: {one_line(error)}")
+
+
+def _worker_label() -> str:
+    """This Dask worker as a tag names it: `w1 (tcp://10.0.0.7:40111)`, or its address when it has no
+    other name. The address tells a restarted worker from its lost predecessor."""
+    from distributed import get_worker
+
+    worker = get_worker()  # a configuration runs on a Dask worker
+    return worker.address if str(worker.name) == worker.address else f"{worker.name} ({worker.address})"
+
+
+def _address(label: str) -> str:
+    """The address in a `_worker_label`."""
+    return label[label.rindex("(") + 1:-1] if label.endswith(")") else label
 
 
 def _worker_name() -> str:
@@ -308,14 +323,14 @@ def run(request: dict[str, Any], trials: list[Trial]) -> int:
             state, _ = recorded_run(lambda: sweep(**request, return_state=True))
             summary = state.result()
     except SweepFailed as error:
-        print(f"sweep.py: {error}", file=sys.stderr)
+        print(f"{program_name('sweep.py')}: {error}", file=sys.stderr)
         return 1
     except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
         if (number := interruption(error)) is not None:
-            return command_interrupted("sweep.py", number, [storage.local_path(trial.config.run_dir) for trial in trials])
+            return command_interrupted(program_name("sweep.py"), number, [storage.local_path(trial.config.run_dir) for trial in trials])
         if not isinstance(error, Exception):
             raise
-        return command_failed("sweep.py", error)
+        return command_failed(program_name("sweep.py"), error)
     best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], request["name"])
     print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
           f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")

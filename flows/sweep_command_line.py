@@ -11,11 +11,16 @@ import json
 import sys
 from typing import Any
 
-from fashion_pipeline.flows.command_line import PRESETS
-from fashion_pipeline.flows.command_line import build_parser as run_options
+from fashion_pipeline.flows.command_line import PRESETS, OneLineParser, add_run_options
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.plumbing import local_server
+from fashion_pipeline.tasks.plumbing.failures import program_name
 from fashion_pipeline.tasks.sweep.plan import plan_sweep
+
+
+# The sweep's own options; every other option is a base value.
+SWEEP_OPTIONS = ("grid", "configurations", "name", "dask_address", "workers", "dask_cluster", "dask_cluster_kwargs",
+                 "adapt", "halving", "dask_report")
 
 
 def positive(text: str) -> int:
@@ -25,12 +30,12 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def bounds(text: str) -> tuple[int, int]:
+def bounds(text: str) -> list[int]:
     """An argparse type: MIN:MAX, two whole numbers."""
     low, colon, high = text.partition(":")
     if not (colon and low.isdigit() and high.isdigit()):
         raise argparse.ArgumentTypeError(f"expected MIN:MAX, e.g. 1:8 (got {text!r})")
-    return int(low), int(high)
+    return [int(low), int(high)]
 
 
 def json_value(kind: type) -> Any:
@@ -49,13 +54,11 @@ def json_value(kind: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The sweep's own options; the rest are flows/fashion.py's, as base values."""
-    parser = argparse.ArgumentParser(
-        prog="sweep.py", allow_abbrev=False,
+    """The sweep's own options, then the single run's (but --experiment and --serve) as base values."""
+    parser = OneLineParser(
+        prog=program_name("sweep.py"), allow_abbrev=False,
         description="The Fashion-MNIST pipeline once per configuration, in parallel on Dask; the best is named by "
                     "validation accuracy.",
-        epilog="Every option of `python flows/fashion.py --help` except --experiment and --serve (--preset included) "
-               "sets a base value that the configurations start from.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--grid", type=json_value(dict), metavar="JSON",
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--dask-cluster", metavar="CLASS",
                        help="A cluster class that starts the workers, by import path: dask_jobqueue.SLURMCluster, "
                             "dask_kubernetes.operator.KubeCluster, distributed.LocalCluster, ...")
-    parser.add_argument("--dask-cluster-kwargs", type=json_value(dict), metavar="JSON", default={},
+    parser.add_argument("--dask-cluster-kwargs", type=json_value(dict), metavar="JSON",
                         help="Keyword arguments of --dask-cluster, e.g. '{\"cores\": 8, \"memory\": \"16GB\"}'.")
     parser.add_argument("--adapt", type=bounds, metavar="MIN:MAX",
                         help="Let --dask-cluster scale between MIN and MAX workers with the sweep's load.")
@@ -82,27 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "1/ETA by validation accuracy continue to the next, up to --epochs.")
     parser.add_argument("--dask-report", metavar="FILE",
                         help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
+    add_run_options(parser.add_argument_group(
+        "base values", "The values every configuration starts from: the single run's options (the folders, the "
+        "data source, --validation-size and --refresh are the whole sweep's)."), skip=("experiment",))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `fashion-sweep` command (and `python flows/sweep.py`); the exit status."""
-    args, rest = build_parser().parse_known_args(argv)
-    base_parser = run_options()
-    base_parser.prog = "sweep.py"
-    base = vars(base_parser.parse_args(rest))
-    preset, serve = base.pop("preset"), base.pop("serve")
-    request = {"name": args.name, "grid": args.grid, "configurations": args.configurations,
-               "base": PRESETS[preset] | base, "halving": args.halving, "dask_address": args.dask_address,
-               "workers": args.workers, "dask_cluster": args.dask_cluster,
-               "dask_cluster_kwargs": args.dask_cluster_kwargs or None,
-               "adapt": list(args.adapt) if args.adapt else None, "dask_report": args.dask_report}
+    options = vars(build_parser().parse_args(argv))
+    preset = options.pop("preset")
+    request = {key: options.pop(key) for key in SWEEP_OPTIONS} | {"base": PRESETS[preset] | options}
     try:
-        if serve:
-            raise ConfigError("--serve is for flows/fashion.py; a sweep runs once")
         trials, _ = plan_sweep(**{key: value for key, value in request.items() if key != "dask_report"})
     except ConfigError as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
+        print(f"{program_name('sweep.py')}: error: {error}", file=sys.stderr)
         return 2
     local_server.start()  # boots while the flow's heavy imports run
     from fashion_pipeline.flows.sweep import run

@@ -78,9 +78,15 @@ def exit_status(error: BaseException) -> int:
     return 2 if isinstance(cause, ConfigError) else 1
 
 
-def program_name() -> str:
-    """The command as the user typed it: `fashion`, `fashion-sweep`, `fashion.py`, `sweep.py`."""
-    return Path(sys.argv[0]).name or "fashion"
+# The project's commands, each with the script that is the same command: `fashion` is `python flows/fashion.py`.
+COMMANDS = {"fashion.py": "fashion", "sweep.py": "fashion-sweep"}
+
+
+def program_name(script: str = "fashion.py") -> str:
+    """The command as the user typed it (`fashion`, `fashion-sweep`, `fashion.py`, `sweep.py`), when this
+    process is one of them; else (a test calling a command's main) `script`."""
+    typed = Path(sys.argv[0]).name
+    return typed if typed in {*COMMANDS, *COMMANDS.values()} else script
 
 
 def command_failed(program: str, error: BaseException) -> int:

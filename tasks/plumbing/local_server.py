@@ -471,11 +471,22 @@ def stop(home: Path, timeout: float = 30.0) -> str:
     return f"stopped the local Prefect server at {server.ui_url}"
 
 
+USAGE = """usage: python -m fashion_pipeline.tasks.plumbing.local_server [status | start | stop]
+
+The local Prefect server that runs share when PREFECT_API_URL is not set, one per Prefect home:
+  status  where it runs (its UI, pid and log), or that none runs (the default)
+  start   start it, or say where it runs already
+  stop    stop it; the next run starts it again"""
+
+
 def main(argv: list[str]) -> int:
     """`status`, `start` or `stop` the local Prefect server of this Prefect home."""
     command = argv[0] if argv else "status"
     if command == "serve":  # the server process itself, started by `start()`
         return serve(Path(argv[1]), int(argv[2]) if len(argv) > 2 else 0)
+    if command in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
     from prefect.settings import get_current_settings
 
     home = Path(get_current_settings().home)
@@ -496,7 +507,7 @@ def main(argv: list[str]) -> int:
             print(f"the local Prefect server of {home}: {server.ui_url} (pid {server.pid}; log {home / LOG})"
                   if server else f"no local Prefect server runs for {home}")
         else:
-            print(f"local_server: error: unknown command {command!r}; choose status, start or stop", file=sys.stderr)
+            print(f"local_server: error: unknown command {command!r}; choose status, start or stop (see --help)", file=sys.stderr)
             return 2
     except LocalServerError as error:
         print(f"local_server: error: {error}", file=sys.stderr)

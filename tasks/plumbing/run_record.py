@@ -82,9 +82,9 @@ def close_dead_run(record: dict[str, Any]) -> None:
         stage_logger().warning("Could not mark the killed earlier run %s Crashed: %s", record.get("flow_run_id"), error)
 
 
-def crash_unfinished_task_runs(flow_run_id: Any, message: Callable[[TaskRun], str]) -> int:
-    """Mark every task run of the flow run that has not ended `Crashed`, with the message `message` gives
-    it; how many there were."""
+def crash_unfinished_task_runs(flow_run_id: Any, message: Callable[[TaskRun], str | None]) -> int:
+    """Mark each task run of the flow run that has not ended `Crashed`, with the message `message` gives
+    it (None: leave that one be); how many were marked."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -103,6 +103,7 @@ def crash_unfinished_task_runs(flow_run_id: Any, message: Callable[[TaskRun], st
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
             task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=going))),
         )
-        for task_run in unfinished:
-            client.set_task_run_state(task_run.id, Crashed(message=message(task_run)), force=True)
-    return len(unfinished)
+        crashed = [(task_run, text) for task_run in unfinished if (text := message(task_run)) is not None]
+        for task_run, text in crashed:
+            client.set_task_run_state(task_run.id, Crashed(message=text), force=True)
+    return len(crashed)
