@@ -32,7 +32,9 @@ LearningRate = Annotated[float, Field(gt=0, le=10, description="Learning rate (t
 Momentum = Annotated[float, Field(ge=0, lt=1, description="SGD momentum, or Adam's beta1.")]
 Optimizer = Annotated[Literal["sgd", "adam"], Field(description="Optimizer: the tutorial's SGD, or Adam.")]
 Schedule = Annotated[Literal["constant", "onecycle"], Field(description="Learning-rate schedule.")]
-LogEvery = Annotated[int, Field(ge=1, description="Steps between 'training loss' points and prediction figures.")]
+LogEvery = Annotated[int | None, Field(ge=1, description=(
+    "Steps between 'training loss' points and prediction figures. (default: 1000, or an epoch's steps / 10 where "
+    "that is fewer, so that every training has a loss curve)"))]
 CheckpointEvery = Annotated[int, Field(ge=1, description="Steps between checkpoints (one is also written at each epoch's end).")]
 WeightDecay = Annotated[float, Field(ge=0, lt=1, description="Weight decay: L2 for SGD, decoupled (as AdamW's) "
                                                               "for Adam.")]
@@ -77,7 +79,7 @@ class RunConfig(BaseModel):
     momentum: Momentum = 0.9
     optimizer: Optimizer = "sgd"
     schedule: Schedule = "constant"
-    log_every: LogEvery = 1000
+    log_every: LogEvery = None
     checkpoint_every: CheckpointEvery = 2000
     seed: Seed = 0
     validation_size: ValidationSize = 0

@@ -64,7 +64,7 @@ def train(
     run_dir: str,
     hyperparameters: Hyperparameters,
     device: str,
-    log_every: int,
+    log_every: int | None,
     checkpoint_every: int,
     refresh: bool = False,
 ) -> Written:
@@ -75,7 +75,8 @@ def train(
         run_dir: the experiment's run directory.
         hyperparameters: the weights-deciding settings.
         device: a resolved device ("cpu", "cuda", "cuda:1", "mps").
-        log_every: steps per 'training loss' point and 'predictions vs. actuals' figure.
+        log_every: steps per 'training loss' point and 'predictions vs. actuals' figure (None: the
+            default, at most an epoch's steps / 10; see tasks/ml/training_loop.py).
         checkpoint_every: steps between checkpoints; one is also written at each epoch's end.
         refresh: discard this training's checkpoints and events and train from scratch.
 

@@ -123,3 +123,12 @@ def test_test_time_flip_in_validation_and_evaluation(prefect_api_url: str, synth
             assert result["validation_loss"] == pytest.approx(validation_loss.item(), rel=1e-5)
     assert flipped["mean_ap"] != pytest.approx(plain["mean_ap"], abs=1e-6)
     assert flipped["validation_loss"] != pytest.approx(plain["validation_loss"], rel=1e-5)
+
+
+def test_without_log_every_a_large_batch_still_draws_a_loss_curve(prefect_api_url: str, synthetic_mirror: Path,
+                                                                   tmp_path: Path) -> None:
+    settings = {"batch_size": 32, "epochs": 1, "log_every": None}
+    run_tiny_flow(tmp_path, synthetic_mirror, experiment="default-log", **settings)
+    runs = load_runs(tmp_path / "runs" / "default-log")
+    every = max(1, (TRAIN_SIZE // 32) // 10)  # an epoch's steps / 10: 1000 would log nothing
+    assert scalar_steps(runs, training_run(runs), "training loss") == list(range(every, TRAIN_SIZE // 32 + 1, every))

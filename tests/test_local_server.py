@@ -115,9 +115,13 @@ def test_first_run_and_cached_rerun_on_a_new_home(new_home: dict[str, str], synt
     args = [*tiny_args(), "--mirror", str(synthetic_mirror)]
     first = run(FLOW_SCRIPT, *args, env=new_home, cwd=tmp_path)
     assert_quiet(first)
+    # Its first line, before anything else: what the first seconds are spent on.
+    assert first.stderr.splitlines()[0] == (f"Starting the local Prefect server of {home_of(new_home)} "
+                                            "(its first start: creating its database)...")
     server = local_server.running(home_of(new_home))
     rerun = run(FLOW_SCRIPT, *args, env=new_home, cwd=tmp_path)
     assert_quiet(rerun)
+    assert "Starting the local Prefect server" not in rerun.stderr  # it runs already
     assert local_server.running(home_of(new_home)) == server, "the rerun did not use the same server"
     assert set(stages(tmp_path / "runs" / "fashion_mnist_experiment_1").values()) == {"Cached"}
 

@@ -65,4 +65,4 @@ def test_torchvision_constants_match() -> None:
 def test_defaults_are_the_tutorials() -> None:
     config = RunConfig()
     assert (config.epochs, config.batch_size, config.lr, config.momentum, config.optimizer) == (1, 4, 0.001, 0.9, "sgd")
-    assert (config.experiment, config.runs_dir, config.data_dir, config.log_every) == ("fashion_mnist_experiment_1", "runs", "data", 1000)
+    assert (config.experiment, config.runs_dir, config.data_dir, config.log_every) == ("fashion_mnist_experiment_1", "runs", "data", None)

@@ -369,3 +369,10 @@ def test_a_container_cpu_limit_sizes_the_local_cluster_and_the_training_threads(
     assert devices.cgroup_cpu_limit() is None
     (tmp_path / "quota").write_text("100000\n")
     assert devices.usable_cores() == 1
+
+
+@pytest.mark.parametrize(("batches_per_epoch", "expected"), [(15000, 1000), (938, 93), (469, 46), (5, 1)])
+def test_the_default_log_every_gives_every_training_a_loss_curve(batches_per_epoch: int, expected: int) -> None:
+    from fashion_pipeline.tasks.ml.training_loop import default_log_every
+
+    assert default_log_every(batches_per_epoch) == expected

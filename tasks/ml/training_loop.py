@@ -35,9 +35,19 @@ KEY_FILE = "key.json"  # in each training's folder: what its name is the digest 
 ONEDNN_MIN_BATCH = 9
 
 
+LOG_EVERY = 1000  # steps per log point, unless an epoch is shorter than ten of them
+POINTS_PER_EPOCH = 10
+
+
+def default_log_every(batches_per_epoch: int) -> int:
+    """Steps per log point when none is asked for: LOG_EVERY, or fewer where an epoch would otherwise
+    log fewer than POINTS_PER_EPOCH points (large batches, small data), so every training has a curve."""
+    return max(1, min(LOG_EVERY, batches_per_epoch // POINTS_PER_EPOCH))
+
+
 def run_training(
-    dataset: Path, out: Path, key: dict[str, Any], hyperparameters: Hyperparameters, device: str, log_every: int,
-    checkpoint_every: int, refresh: bool, sync: Callable[[], None] = lambda: None,
+    dataset: Path, out: Path, key: dict[str, Any], hyperparameters: Hyperparameters, device: str,
+    log_every: int | None, checkpoint_every: int, refresh: bool, sync: Callable[[], None] = lambda: None,
 ) -> Written:
     """Train into `out`, resuming from its newest valid checkpoint unless `refresh`; returns the final checkpoint.
 
@@ -68,6 +78,7 @@ def run_training(
         stage_logger().info("Resuming from %s (step %d)", found[0], found[1]["global_step"])
     if found is not None:
         loop.load_state(found[1])
+    log_every = log_every or default_log_every(loop.batches_per_epoch)
     store.warn_if_short_of_space(loop.state_dict())
     sync()
     # purge_step drops the points that a killed run logged after its last checkpoint: no duplicates.

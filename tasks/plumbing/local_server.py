@@ -133,6 +133,9 @@ def start() -> None:
         home.mkdir(parents=True, exist_ok=True)
         _hold_lease(home)
         process = None if running(home) or _alive_lock_held(home) else _spawn(home)
+        if process is not None:  # a new user's first seconds are this: say so, rather than look hung
+            first = "" if (home / "prefect.db").exists() else " (its first start: creating its database)"
+            print(f"Starting the local Prefect server of {home}{first}...", file=sys.stderr, flush=True)
     except (LocalServerError, OSError) as error:
         _error = error if isinstance(error, LocalServerError) else LocalServerError(
             f"cannot start the local Prefect server in {home}: {error.strerror or error}")
