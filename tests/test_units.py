@@ -376,3 +376,15 @@ def test_the_default_log_every_gives_every_training_a_loss_curve(batches_per_epo
     from fashion_pipeline.tasks.ml.training_loop import default_log_every
 
     assert default_log_every(batches_per_epoch) == expected
+
+
+def test_progress_shows_a_loss_once_never_a_stale_one(caplog: pytest.LogCaptureFixture) -> None:
+    from fashion_pipeline.tasks.plumbing.progress import StepProgress
+
+    progress = StepProgress("train", total=100, every_seconds=0)
+    with caplog.at_level("INFO", logger="fashion"):
+        progress.note(loss=0.4945)
+        progress.advance(10)
+        progress.advance(10)  # no window ended since the last line
+    assert [record.getMessage() for record in caplog.records] == [
+        "train: 10/100 steps (10%) loss 0.4945", "train: 20/100 steps (20%)"]

@@ -35,7 +35,8 @@ class StepProgress:
         return 100.0 * self.done / max(self.total, 1)
 
     def note(self, **facts: float) -> None:
-        """Facts (such as the latest loss) shown beside the count from now on."""
+        """Facts (such as the latest window's loss) shown beside the count in the next report only: a
+        report shows what is new since the last one, never a stale value again."""
         self.facts.update(facts)
 
     def advance(self, steps: int = 1) -> None:
@@ -50,10 +51,12 @@ class StepProgress:
 
     def report(self) -> None:
         shown = " ".join(f"{name} {value:.4f}" for name, value in self.facts.items())
+        self.facts = {}
         if self.bar is not None:
             self.bar.set_postfix_str(shown, refresh=False)
         else:
-            stage_logger().info("%s: %d/%d steps (%.0f%%) %s", self.description, self.done, self.total, self.percent(), shown)
+            stage_logger().info("%s: %d/%d steps (%.0f%%)%s", self.description, self.done, self.total, self.percent(),
+                                f" {shown}" if shown else "")
         if self.artifact_id is not None and not (self.sending and self.sending.is_alive()):
             from prefect.artifacts import update_progress_artifact
 
