@@ -28,7 +28,7 @@ PREVIOUS = {"optimizer": "adam", "schedule": "onecycle", "batch_size": 64, "epoc
 FLIPPED = {"optimizer": "sgd", "schedule": "onecycle", "momentum": 0.9, "weight_decay": 5e-4, "augment": True,
            "augment_shift": 0, "test_time_flip": True}
 PRESET = PRESETS["accurate"]  # FLIPPED, batch 64, lr 0.1, 15 epochs
-CANDIDATES = {  # tried in this order; the README gives their figures
+CANDIDATES = {  # tried in this order; docs/performance.md gives their figures
     "previous": PREVIOUS,
     "augment + label smoothing": PREVIOUS | {"augment": True, "label_smoothing": 0.1},
     "18 epochs": PREVIOUS | {"epochs": 18},

@@ -20,7 +20,7 @@ TAG = "fashion-mnist"  # on every flow run of this project: the command line's, 
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
     # For accuracy rather than the tutorial's numbers: the same Net, in about a minute on a 2-core CPU.
-    # Chosen on a validation split (bench/preset.py; the README's Performance section has the figures).
+    # Chosen on a validation split (bench/preset.py; docs/performance.md has the figures).
     "accurate": {"optimizer": "sgd", "schedule": "onecycle", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                  "batch_size": 64, "epochs": 15, "augment": True, "augment_shift": 0, "test_time_flip": True},
 }
