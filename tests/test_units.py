@@ -388,3 +388,15 @@ def test_progress_shows_a_loss_once_never_a_stale_one(caplog: pytest.LogCaptureF
         progress.advance(10)  # no window ended since the last line
     assert [record.getMessage() for record in caplog.records] == [
         "train: 10/100 steps (10%) loss 0.4945", "train: 20/100 steps (20%)"]
+
+
+def test_the_summary_legend_names_every_marker_it_draws() -> None:
+    import numpy as np
+
+    from fashion_pipeline.tasks.ml.figures import summary_figure
+
+    figure = summary_figure([(10, 1.0), (20, 0.8)], {"T-shirt/top": (np.array([1.0, 0.5]), np.array([0.0, 1.0]))},
+                            np.eye(1, dtype=int), "tiny", validation_loss=[(20, 0.9)], validation_accuracy=[(20, 0.7)])
+    legend = figure.axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["training", "validation", "validation accuracy"]
+    assert [handle.get_marker() for handle in legend.legend_handles] == ["o", "s", "^"]

@@ -116,13 +116,15 @@ def summary_figure(
         if points:
             steps, values = zip(*points)
             loss_axes.plot(steps, values, label=label, **style)
+    handles, labels = loss_axes.get_legend_handles_labels()
     if validation_accuracy:
         steps, values = zip(*validation_accuracy)
         accuracy_axes = loss_axes.twinx()
-        accuracy_axes.plot(steps, values, marker="^", color="tab:green", label="validation accuracy")
+        handles += accuracy_axes.plot(steps, values, marker="^", color="tab:green", label="validation accuracy")
+        labels.append("validation accuracy")
         accuracy_axes.set(ylabel="validation accuracy", ylim=(0, 1))
-    if validation_loss:
-        loss_axes.legend(fontsize=8, loc="upper right")
+    if validation_loss or validation_accuracy:  # one legend for both axes: every marker drawn is in it
+        loss_axes.legend(handles, labels, fontsize=8, loc="upper right")
     loss_axes.set(title="loss" if validation_loss else "training loss", xlabel="step", ylabel="mean cross-entropy")
     loss_axes.grid(alpha=0.3)
     for name, (precision, recall) in pr_curves.items():
