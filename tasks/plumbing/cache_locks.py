@@ -7,13 +7,14 @@ which the kernel closes, and so releases, when the process ends however it ends.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
 
 import anyio.to_thread
 from prefect.locking.protocol import LockManager
+
+from fashion_pipeline.tasks.plumbing.flocks import try_lock
 
 POLL_SECONDS = 0.1
 
@@ -33,9 +34,7 @@ class FlockLockManager(LockManager):
 
     def _try(self, key: str, holder: str) -> bool:
         descriptor = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(descriptor):
             os.close(descriptor)
             return False
         self._held[key] = (holder, descriptor)
@@ -68,12 +67,9 @@ class FlockLockManager(LockManager):
             return True
         descriptor = os.open(self._path(key), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            return not try_lock(descriptor, shared=True)
         finally:
             os.close(descriptor)
-        return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         return self._held.get(key, (None, -1))[0] == holder

@@ -26,7 +26,6 @@ temporary server, with a warning.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import json
 import os
@@ -44,6 +43,7 @@ from typing import IO, Any
 
 from fashion_pipeline.tasks.plumbing.child_process import module_command
 from fashion_pipeline.tasks.plumbing.failures import PermanentError
+from fashion_pipeline.tasks.plumbing.flocks import lock, lock_within, try_lock, unlock
 from fashion_pipeline.tasks.plumbing.polling import wait_for
 
 TESTED_PREFECT = "3.9"  # the Prefect minor release whose internals this module uses; pinned in pyproject.toml
@@ -289,9 +289,7 @@ def _alive_lock_held(home: Path) -> bool:
     """Whether a server process holds `home`'s `server.alive` lock (the kernel drops it when it dies)."""
     try:
         with open(home / ALIVE, "a+") as alive:
-            try:
-                fcntl.flock(alive, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(alive, shared=True):
                 return True
     except OSError:
         return False
@@ -301,7 +299,10 @@ def _alive_lock_held(home: Path) -> bool:
 def _hold_lease(home: Path) -> None:
     """Hold the home's lease (shared) until this process exits: the server stays up while any run lives."""
     lease = open(home / LEASE, "a+")  # noqa: SIM115  (held open, and locked, for the process's lifetime)
-    _flock(lease, fcntl.LOCK_SH, f"the local Prefect server of {home} to finish stopping")
+    try:
+        lock_within(lease, f"the local Prefect server of {home} to finish stopping", STARTUP_SECONDS, shared=True)
+    except TimeoutError as error:
+        raise LocalServerError(str(error)) from None
     _leases.append(lease)
 
 
@@ -353,11 +354,9 @@ def serve(home: Path, port: int = 0) -> int:
     on `port` where it is free (a restart keeps its runs' address), else on any."""
     idle_seconds = float(os.environ.get(IDLE_ENV) or IDLE_DEFAULT)
     start_lock = open(home / START_LOCK, "a+")  # noqa: SIM115
-    fcntl.flock(start_lock, fcntl.LOCK_EX)  # one server starts at a time; the others find it running
+    lock(start_lock)  # one server starts at a time; the others find it running
     alive = open(home / ALIVE, "a+")  # noqa: SIM115  (locked for this process's whole life)
-    try:
-        fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not try_lock(alive):
         return 0  # another server lives (serving, or stopping): runs use it, or start anew once it is gone
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
     # reply on a kept-alive connection waits for a delayed ACK (tens of milliseconds a request).
@@ -390,18 +389,16 @@ def serve(home: Path, port: int = 0) -> int:
             time.sleep(0.05)
         _write_state(home, {"url": url, "pid": os.getpid(), "prefect": prefect.__version__,
                                   "idle_seconds": idle_seconds})
-        fcntl.flock(start_lock, fcntl.LOCK_UN)
+        unlock(start_lock)
         while not server.should_exit:
             time.sleep(1)
             if not (home / STATE).exists():  # the Prefect home was removed
                 break
-            try:
-                fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(lease):
                 activity.touch()  # a run is alive
                 continue
             if time.monotonic() - activity.last < idle_seconds:
-                fcntl.flock(lease, fcntl.LOCK_UN)
+                unlock(lease)
                 continue
             break  # idle: keep the lease (exclusive) until exit, so no run starts on a server that is stopping
         with contextlib.suppress(FileNotFoundError):
@@ -435,21 +432,6 @@ def _write_state(home: Path, state: dict[str, Any]) -> None:
     atomic_write_json(home / STATE, state)
 
 
-def _flock(stream: IO[str], operation: int, what: str, timeout: float = STARTUP_SECONDS) -> None:
-    """flock(2) `stream`, waiting at most `timeout` seconds."""
-    def taken() -> bool:
-        try:
-            fcntl.flock(stream, operation | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    try:
-        wait_for(taken, what, timeout, interval=0.05)
-    except TimeoutError as error:
-        raise LocalServerError(str(error)) from None
-
-
 # --- the command line -----------------------------------------------------------------------------
 
 
@@ -459,11 +441,9 @@ def stop(home: Path, timeout: float = 30.0) -> str:
     if server is None:
         return f"no local Prefect server runs for {home}"
     with open(home / LEASE, "a+") as lease:
-        try:
-            fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(lease):
             raise LocalServerError(f"runs are using the local Prefect server at {server.ui_url}; "
-                                   "it stops by itself once they end and it has been idle") from None
+                                   "it stops by itself once they end and it has been idle")
         with contextlib.suppress(ProcessLookupError):  # it may have just stopped by itself
             os.kill(server.pid, signal.SIGTERM)
             try:

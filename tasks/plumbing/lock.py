@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import IO
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.failures import PermanentError
 from fashion_pipeline.tasks.plumbing.files import made_folder
+from fashion_pipeline.tasks.plumbing.flocks import try_lock
 
 
 class ExperimentBusyError(PermanentError):
@@ -85,9 +85,7 @@ def _locked(lock_path: Path) -> IO[str]:
             handle = open(lock_path, "a+")  # noqa: SIM115  (closed by experiment_lock)
         except FileNotFoundError:  # ... between the mkdir and the open
             continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(handle):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
