@@ -14,9 +14,10 @@ from typing import Any, NoReturn, get_args
 
 from fashion_pipeline.tasks.config import ConfigError, RunConfig, parse_config
 from fashion_pipeline.tasks.ml.devices import resolve_device
-from fashion_pipeline.tasks.plumbing.failures import program_name
+from fashion_pipeline.tasks.plumbing.failures import (
+    command_failed, command_interrupted, interruption, program_name, sigterm_as_interrupt,
+)
 
-TAG = "fashion-mnist"  # on every flow run of this project: the command line's, the sweep's, the deployment's
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
     # For accuracy rather than the tutorial's numbers: the same Net, in about a minute on a 2-core CPU.
@@ -41,8 +42,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def add_run_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: tuple[str, ...] = ()) -> None:
-    """One option per RunConfig field (but `skip`), with its help text and default, plus --preset.
+def add_run_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: tuple[str, ...] = (),
+                    defaults: dict[str, Any] | None = None) -> None:
+    """One option per RunConfig field (but `skip`), with its help text and default (or the one in
+    `defaults`, where the command has its own), plus --preset.
 
     An option not given is absent from the parsed values: only those given reach RunConfig, over the preset.
     """
@@ -50,7 +53,7 @@ def add_run_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, s
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
+        default = (defaults or {}).get(name, field.get_default(call_default_factory=True))
         if name == "refresh":
             parser.add_argument(flag, nargs="?", const="all", metavar="STAGES", default=argparse.SUPPRESS,
                                 type=lambda text: [stage.strip() for stage in text.split(",") if stage.strip()],
@@ -105,10 +108,70 @@ def main(argv: list[str] | None = None) -> int:
         from fashion_pipeline.tasks.plumbing import local_server
 
         local_server.start()
-    from fashion_pipeline.flows.fashion import run
-
     status = run(command)
     # Everything is written and closed. Frozen, the objects torch and Prefect made are left to the
     # operating system instead of a last garbage collection over all of them, which would walk them all.
     gc.freeze()
     return status
+
+
+def import_ahead(config: RunConfig) -> None:
+    """Import now, while the local Prefect server may still be booting, what the run would import later."""
+    import fastapi.encoders  # noqa: F401  (Prefect serialises a flow run's parameters with it)
+    import prefect.flow_engine  # noqa: F401  (a flow run's first call imports Prefect's engines)
+    import prefect.task_engine  # noqa: F401
+
+    from fashion_pipeline.tasks.plumbing.storage import local_path
+
+    if not (local_path(config.run_dir) / "metrics.json").is_file():  # a new or unfinished experiment, or a new machine
+        import torch._dynamo  # noqa: F401  (torch's optimizers import it when first built)
+        import torchvision.datasets  # noqa: F401  (download and inspection use torchvision)
+
+
+def run(command: Command) -> int:
+    """Run the flow once (or serve it) as the command line asks.
+
+    A failed run ends with one line on stderr; the exit status is 2 for a bad parameter, 1 otherwise.
+    """
+    from fashion_pipeline.flows.fashion import fashion  # the heavy imports, while the local server boots
+    from fashion_pipeline.flows.launch import recorded_run
+    from fashion_pipeline.tasks.plumbing.lock import experiment_lock
+    from fashion_pipeline.tasks.plumbing.storage import local_path
+
+    program = program_name("fashion.py")
+    if command.serve:
+        from prefect.settings import PREFECT_API_URL
+
+        from fashion_pipeline.flows.deployment import serve_on_schedule
+
+        if not PREFECT_API_URL.value():
+            fail(ConfigError("--serve needs a Prefect server to schedule on: start one (prefect server start) "
+                             "and set PREFECT_API_URL"))
+        try:
+            serve_on_schedule(fashion, command.config.model_dump())
+        except Exception as error:  # noqa: BLE001  (the server unreachable, prefect.yaml missing: one line)
+            return command_failed(program, error)
+        return 0
+    try:
+        # Taken here as well as in the flow, so that a busy experiment is refused before anything starts.
+        with sigterm_as_interrupt(), experiment_lock(command.config.run_dir):
+            import_ahead(command.config)
+            state, server = recorded_run(lambda: fashion(**command.config.model_dump(), return_state=True))
+            result = state.result()
+    except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
+        if (number := interruption(error)) is not None:
+            return command_interrupted(program, number, [local_path(command.config.run_dir)])
+        if not isinstance(error, Exception):
+            raise
+        return command_failed(program, error)
+    print(f"Test accuracy: {result['test_accuracy']:.4f}")
+    print(f"Run directory: {result['run_dir']}")
+    print(f"Open TensorBoard: tensorboard --logdir {result['run_dir']}")
+    if server:
+        print(f"Prefect UI: {server.ui_url}/runs/flow-run/{state.state_details.flow_run_id} "
+              f"(the local Prefect server; it stops after {server.idle_minutes} idle minutes)")
+    return 0
+
+
+if __name__ == "__main__":  # `python flows/...py`, and python -m
+    sys.exit(main())

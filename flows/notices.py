@@ -16,7 +16,7 @@ import sys
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock, NotificationBlock, SlackWebhook
 
-from fashion_pipeline.flows.command_line import TAG
+from fashion_pipeline.flows.launch import TAG
 from fashion_pipeline.tasks.plumbing.failures import command_failed
 
 BLOCK, AUTOMATION = "fashion-mnist-failures", "fashion-mnist run failed"

@@ -11,12 +11,11 @@ Dask worker, rung by rung with successive halving; the results go to sweep.json 
 
 from __future__ import annotations
 
-import sys
 
-if __name__ == "__main__":  # the same as the `fashion-sweep` command
-    from fashion_pipeline.flows.sweep_command_line import main
+if __name__ == "__main__":  # the same as the `fashion-sweep` command: this script runs its module, which exits
+    import runpy
 
-    sys.exit(main())
+    runpy.run_module("fashion_pipeline.flows.sweep_command_line", run_name="__main__")
 
 import contextlib
 import uuid
@@ -34,17 +33,14 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
-from fashion_pipeline.flows.fashion import mirror_of, recorded_run
+from fashion_pipeline.flows.fashion import mirror_of
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.download import download
 from fashion_pipeline.tasks.ml.devices import device_type, resolve_device, usable_cores
 from fashion_pipeline.tasks.pipeline import StageRunner, in_store, run_pipeline
 from fashion_pipeline.tasks.plumbing import storage
 from fashion_pipeline.tasks.plumbing.dask_cluster import quiet_size_estimates, task_runner
-from fashion_pipeline.tasks.plumbing.failures import (
-    RunFailed, command_failed, command_interrupted, ending_the_run, interruption,
-    one_line, program_name, sigterm_as_interrupt,
-)
+from fashion_pipeline.tasks.plumbing.failures import RunFailed, ending_the_run, one_line
 from fashion_pipeline.tasks.plumbing.files import atomic_write_json
 from fashion_pipeline.tasks.plumbing.lock import experiment_lock
 from fashion_pipeline.tasks.plumbing.run_record import crash_unfinished_task_runs, recorded_flow_run
@@ -313,27 +309,3 @@ def outcome(trial: Trial, future: PrefectFuture) -> dict[str, Any]:
     reason = one_line(error) if isinstance(error, BaseException) else state.message or state.name
     return entry | {"stages": getattr(error, "stages", {}), "state": state.name if state.is_final() else "Crashed",
                     "error": reason if isinstance(error, ConfigurationFailed) else f"configuration: {reason}"}
-
-
-def run(request: dict[str, Any], trials: list[Trial]) -> int:
-    """Run the sweep that `request` (the flow's parameters) asks for, its `trials` checked already
-    (flows/sweep_command_line.py), and print its outcome; the exit status."""
-    try:
-        with sigterm_as_interrupt():
-            state, _ = recorded_run(lambda: sweep(**request, return_state=True))
-            summary = state.result()
-    except SweepFailed as error:
-        print(f"{program_name('sweep.py')}: {error}", file=sys.stderr)
-        return 1
-    except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
-        if (number := interruption(error)) is not None:
-            return command_interrupted(program_name("sweep.py"), number, [storage.local_path(trial.config.run_dir) for trial in trials])
-        if not isinstance(error, Exception):
-            raise
-        return command_failed(program_name("sweep.py"), error)
-    best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], request["name"])
-    print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
-          f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
-    print(f"Comparison: {storage.join(sweep_dir, 'sweep.json')}")
-    print(f"Open TensorBoard: tensorboard --logdir {sweep_dir}")
-    return 0

@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fashion_pipeline.flows.command_line import PRESETS, OneLineParser, add_run_options
 from fashion_pipeline.tasks.config import ConfigError
 from fashion_pipeline.tasks.plumbing import local_server
-from fashion_pipeline.tasks.plumbing.failures import program_name
-from fashion_pipeline.tasks.sweep.plan import plan_sweep
+from fashion_pipeline.tasks.plumbing.failures import (
+    command_failed, command_interrupted, interruption, program_name, sigterm_as_interrupt,
+)
+from fashion_pipeline.tasks.sweep.plan import VALIDATION_SIZE, plan_sweep
+
+if TYPE_CHECKING:
+    from fashion_pipeline.tasks.sweep.plan import Trial
 
 
 # The sweep's own options; every other option is a base value.
@@ -87,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Write Dask's performance report (an HTML page) of the sweep to FILE.")
     add_run_options(parser.add_argument_group(
         "base values", "The values every configuration starts from: the single run's options (the folders, the "
-        "data source, --validation-size and --refresh are the whole sweep's)."), skip=("experiment",))
+        "data source, --validation-size and --refresh are the whole sweep's)."), skip=("experiment",),
+        defaults={"validation_size": VALIDATION_SIZE})
     return parser
 
 
@@ -102,6 +108,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{program_name('sweep.py')}: error: {error}", file=sys.stderr)
         return 2
     local_server.start()  # boots while the flow's heavy imports run
-    from fashion_pipeline.flows.sweep import run
-
     return run(request, trials)
+
+
+def run(request: dict[str, Any], trials: list[Trial]) -> int:
+    """Run the sweep that `request` (the flow's parameters) asks for, its `trials` checked already,
+    and print its outcome; the exit status."""
+    from fashion_pipeline.flows.launch import recorded_run
+    from fashion_pipeline.flows.sweep import SweepFailed, sweep  # the heavy imports, while the local server boots
+    from fashion_pipeline.tasks.plumbing import storage
+    from fashion_pipeline.tasks.sweep.results import METRIC, REPORTED
+
+    program = program_name("sweep.py")
+    try:
+        with sigterm_as_interrupt():
+            state, _ = recorded_run(lambda: sweep(**request, return_state=True))
+            summary = state.result()
+    except SweepFailed as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return 1
+    except BaseException as error:  # every failure ends in its one line, and so does Ctrl-C or SIGTERM
+        if (number := interruption(error)) is not None:
+            return command_interrupted(program, number, [storage.local_path(trial.config.run_dir) for trial in trials])
+        if not isinstance(error, Exception):
+            raise
+        return command_failed(program, error)
+    best, sweep_dir = summary["best"], storage.join(summary["runs_dir"], request["name"])
+    print(f"Best of {len(trials)} by validation accuracy: {best['name']} (validation accuracy {best[METRIC]:.4f}, "
+          f"test accuracy {best[REPORTED]:.4f}, run directory {best['run_dir']})")
+    print(f"Comparison: {storage.join(sweep_dir, 'sweep.json')}")
+    print(f"Open TensorBoard: tensorboard --logdir {sweep_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # `python flows/...py`, and python -m
+    sys.exit(main())
