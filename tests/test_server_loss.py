@@ -47,7 +47,7 @@ def test_a_run_waits_for_its_server_and_records_everything_on_its_return(
         process.wait(timeout=300)
         log = stderr.read_text()
         assert process.returncode == 0, log[-3000:]
-        assert "Traceback" not in log and "| ERROR" not in log, log[-3000:]
+        assert "Traceback" not in log and "| ERROR" not in log and "Error logging to API" not in log, log[-3000:]
         assert "train is done and kept, and the run waits up to 600 s for the server" in log
         train_dir = next((cwd / "runs").glob("*/train-*"))
         assert same_weights(torch.load(train_dir / "model.pt", weights_only=True)["model"], final_weights(reference))
@@ -65,7 +65,7 @@ def test_a_server_that_stays_away_ends_the_run_in_one_line(synthetic_mirror: Pat
     server = PrefectServer(tmp_path / "server").start()
     cwd = tmp_path / "run"
     cwd.mkdir()
-    args = [*tiny_args(epochs=40), "--mirror", str(synthetic_mirror)]
+    args = [*tiny_args(epochs=10), "--mirror", str(synthetic_mirror)]
     process, stderr = start_run(args, server.env | {WAIT_ENV: "2"}, cwd)
     try:
         wait_while_running(process, lambda: first_checkpoint(cwd, 15), "the first checkpoint", 120, 0.01)
@@ -76,7 +76,7 @@ def test_a_server_that_stays_away_ends_the_run_in_one_line(synthetic_mirror: Pat
         assert log.strip().splitlines()[-1] == (
             f"fashion.py: error: the Prefect server at {server.api_url} was lost: no answer for 2 s after train "
             "ended; everything done so far is kept, and the same command resumes once the server is back")
-        assert "Traceback" not in log, log[-3000:]
+        assert "Traceback" not in log and "Error logging to API" not in log, log[-3000:]
 
         trained = {path: path.stat().st_mtime_ns for path in (cwd / "runs").glob("*/train-*/checkpoints/*")}
         server.start()

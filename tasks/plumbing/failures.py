@@ -202,7 +202,8 @@ class KnownFailureTracebacks(logging.Filter):
 
 
 def quiet_known_failures() -> None:
-    """Add KnownFailureTracebacks to Prefect's console handlers; let threads die of known failures quietly.
+    """Add KnownFailureTracebacks to Prefect's console handlers; let threads die of known failures quietly;
+    keep failures to ship logs to a lost server off the terminal.
 
     TensorBoard's writer thread, say, dies of a full disk with a traceback on stderr, and the writer
     then raises the same error in the thread that uses it, where it fails the stage in one line.
@@ -221,3 +222,7 @@ def quiet_known_failures() -> None:
             default_hook(arguments)
 
     threading.excepthook = thread_hook
+    # Prefect ships logs to its server from a thread and, while logging.raiseExceptions is on (Python's
+    # default, meant for development), prints "--- Error logging to API ---" with no line end each time
+    # a lost server refuses them. The run's own warnings say when its server is lost, and what it does.
+    logging.raiseExceptions = False

@@ -34,11 +34,13 @@ class ServerLost(PermanentError):
 def answers() -> str | None:
     """None when the Prefect server that records this run answers; else why not, in one line.
 
-    Prefect's own client, so its address, key and headers are those the run uses.
+    Prefect's own client, so its address, key and headers are those the run uses; asked once, without
+    the retries with which a run's client, once connected, would wait a minute on a server that is gone.
     """
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
     return None if problem is None else " ".join(str(problem).split()) or type(problem).__name__
 
