@@ -69,14 +69,17 @@ class ConfigurationFailed(RunFailed):
 @task(name="configuration", task_run_name="configuration {trial.name}", cache_policy=NO_CACHE)
 def configuration(trial: Trial, mirror: str | None) -> dict[str, Any]:
     """One configuration's pipeline, its stages nested in this task run; its report, with every stage's state."""
+    from distributed import get_worker
+
+    worker = get_worker()  # the Dask worker that trains it
     run = StageRunner(trial.config.refresh)
     try:
-        device = resolve_device(trial.device)  # on the worker that trains it
+        device = resolve_device(trial.device)
     except ConfigError as error:
-        raise ConfigurationFailed(f"configuration: on Dask worker {_worker_name()}: {error}", {}) from None
+        raise ConfigurationFailed(f"configuration: on Dask worker {worker.name}: {error}", {}) from None
     try:
         # Each stage's task run names the worker it ran on: if that worker is lost, the sweep says which.
-        with own_transactions(), tags(f"{WORKER_TAG}{_worker_label()}"):  # each stage commits as it ends
+        with own_transactions(), tags(f"{WORKER_TAG}{worker_label(worker.name, worker.address)}"):
             result = run_pipeline(trial.config, device, mirror, run)
     except Exception as error:
         raise ConfigurationFailed(f"{run.failed or 'configuration'}: {one_line(error)}", run.states) from error
@@ -165,13 +168,13 @@ def close_lost_attempts(client: Client) -> None:
 
     Dask runs a lost worker's configuration again on another worker, but the lost attempt's task
     runs never end by themselves; without this the record would show them running for ever. Each
-    stage's task run carries its worker's tag (`configuration`), and the scheduler knows which workers live.
+    stage's task run carries its worker's label (`configuration`), and the scheduler knows the living workers'.
     """
-    alive = set(client.scheduler_info()["workers"])  # their addresses
+    alive = {worker_label(worker["name"], address) for address, worker in client.scheduler_info()["workers"].items()}
 
     def message(task_run: TaskRun) -> str | None:
         worker = next((tag.removeprefix(WORKER_TAG) for tag in task_run.tags if tag.startswith(WORKER_TAG)), None)
-        if worker is None or _address(worker) in alive:
+        if worker is None or worker in alive:
             return None
         return f"Its Dask worker {worker} was lost during this attempt; Dask ran the configuration again on another worker."
 
@@ -182,28 +185,10 @@ def close_lost_attempts(client: Client) -> None:
         print(f"Could not mark the task runs of lost Dask workers Crashed: {one_line(error)}")
 
 
-def _worker_label() -> str:
-    """This Dask worker as a tag names it: `w1 (tcp://10.0.0.7:40111)`, or its address when it has no
-    other name. The address tells a restarted worker from its lost predecessor."""
-    from distributed import get_worker
-
-    worker = get_worker()  # a configuration runs on a Dask worker
-    return worker.address if str(worker.name) == worker.address else f"{worker.name} ({worker.address})"
-
-
-def _address(label: str) -> str:
-    """The address in a `_worker_label`."""
-    return label[label.rindex("(") + 1:-1] if label.endswith(")") else label
-
-
-def _worker_name() -> str:
-    """This Dask worker's name, or "(none)" outside one."""
-    from distributed import get_worker
-
-    try:
-        return str(get_worker().name)
-    except ValueError:
-        return "(none)"
+def worker_label(name: object, address: str) -> str:
+    """A Dask worker as its stages' tag names it: `w1 (tcp://10.0.0.7:40111)`, or its address when it has
+    no other name. The address tells a restarted worker from its lost predecessor."""
+    return address if str(name) == address else f"{name} ({address})"
 
 
 def check_gpu_workers(client: Client, trials: list[Trial]) -> None:
